@@ -1,0 +1,59 @@
+"""The Engine interface every backend implements: load, warm up, run, release."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from sdrt.engines.spec import NetworkSpec
+
+
+class Engine:
+    """One network, run from its file.
+
+    `run(feed)` returns new arrays the caller owns; the engine never hands out a buffer that a later
+    call overwrites. The lifecycle is explicit: `load()` (also done by the first `run`), `warmup()`,
+    `release()`; an engine is also a context manager that releases on exit.
+    """
+
+    spec: NetworkSpec | None = None
+
+    @property
+    def loaded(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype each input of the loaded network expects."""
+        raise NotImplementedError
+
+    @property
+    def output_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def warmup(self, dims: Mapping[str, int], runs: int = 1) -> None:
+        """Run the network on zeros of the spec's shapes, so that the first real call is not a cold one."""
+        if self.spec is None:
+            raise ValueError("warmup needs the engine's spec")
+        self.load()
+        shapes = self.spec.input_shapes(dims)
+        feed = {name: np.zeros(shape, dtype=self.input_dtypes[name]) for name, shape in shapes.items()}
+        for _ in range(runs):
+            self.run(feed)
+
+    def __enter__(self):
+        self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

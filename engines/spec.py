@@ -1,0 +1,180 @@
+"""One frozen spec per network: input/output names, dtypes and shapes with named dynamic axes.
+
+The exporter names ONNX inputs from these specs, engine builders make shape profiles from them and
+the runtime builds feeds from them. Names follow optimum's ONNX export of diffusion pipelines, so
+folders written by either tool run in the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+Dim = Union[int, str]
+
+# Named dynamic axes. Pixel sizes are "height"/"width"; latent sizes are derived from them.
+BATCH, SEQUENCE = "batch", "sequence"
+HEIGHT, WIDTH = "height", "width"
+LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: a name, a NumPy dtype name and a shape of fixed ints and named axes."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape for the given values of the named axes."""
+        missing = [d for d in self.shape if isinstance(d, str) and d not in dims]
+        if missing:
+            raise KeyError(f"{self.name}: no value for axes {missing}")
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A network's whole interface, plus the pixel-to-latent factor its spatial axes use."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    vae_scale_factor: int = 8
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no input {name!r}; inputs: {self.input_names}")
+
+    def dims(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
+        """Values of every named axis for a batch of images of height x width pixels."""
+        f = self.vae_scale_factor
+        return {
+            BATCH: batch,
+            SEQUENCE: sequence,
+            HEIGHT: height,
+            WIDTH: width,
+            LATENT_HEIGHT: height // f,
+            LATENT_WIDTH: width // f,
+        }
+
+    def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.inputs}
+
+    def profile(
+        self, min_dims: Mapping[str, int], opt_dims: Mapping[str, int], max_dims: Mapping[str, int]
+    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """(min, opt, max) shape per input: the optimization profile of an engine builder."""
+        return {
+            t.name: (t.resolve(min_dims), t.resolve(opt_dims), t.resolve(max_dims)) for t in self.inputs
+        }
+
+    def to_json(self) -> dict:
+        def tensors(ts):
+            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts]
+
+        return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
+
+
+def text_encoder_spec(name: str, hidden_size: int, *, projection_dim: int | None = None,
+                      num_hidden_layers: int | None = None) -> NetworkSpec:
+    """CLIP text encoder. With `num_hidden_layers`, every layer's hidden states are outputs too (SDXL)."""
+    outputs = [TensorSpec("last_hidden_state", "float32", (BATCH, SEQUENCE, hidden_size))]
+    if projection_dim is not None:
+        outputs.append(TensorSpec("text_embeds", "float32", (BATCH, projection_dim)))
+    else:
+        outputs.append(TensorSpec("pooler_output", "float32", (BATCH, hidden_size)))
+    if num_hidden_layers is not None:
+        outputs += [
+            TensorSpec(f"hidden_states.{i}", "float32", (BATCH, SEQUENCE, hidden_size))
+            for i in range(num_hidden_layers + 1)
+        ]
+    return NetworkSpec(name, (TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),), tuple(outputs))
+
+
+def unet_spec(in_channels: int, out_channels: int, cross_attention_dim: int, *,
+              vae_scale_factor: int = 8, time_cond_proj_dim: int | None = None,
+              addition_embed_dim: int | None = None, time_ids_dim: int = 6) -> NetworkSpec:
+    """UNet2DConditionModel: noisy latents, timestep per batch element, text embeddings -> prediction."""
+    inputs = [
+        TensorSpec("sample", "float32", (BATCH, in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+        TensorSpec("timestep", "float32", (BATCH,)),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cross_attention_dim)),
+    ]
+    if addition_embed_dim is not None:
+        inputs.append(TensorSpec("text_embeds", "float32", (BATCH, addition_embed_dim)))
+        inputs.append(TensorSpec("time_ids", "float32", (BATCH, time_ids_dim)))
+    if time_cond_proj_dim is not None:
+        inputs.append(TensorSpec("timestep_cond", "float32", (BATCH, time_cond_proj_dim)))
+    outputs = (TensorSpec("out_sample", "float32", (BATCH, out_channels, LATENT_HEIGHT, LATENT_WIDTH)),)
+    return NetworkSpec("unet", tuple(inputs), outputs, vae_scale_factor)
+
+
+def vae_decoder_spec(latent_channels: int, out_channels: int, *, vae_scale_factor: int = 8) -> NetworkSpec:
+    return NetworkSpec(
+        "vae_decoder",
+        (TensorSpec("latent_sample", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        (TensorSpec("sample", "float32", (BATCH, out_channels, HEIGHT, WIDTH)),),
+        vae_scale_factor,
+    )
+
+
+def vae_encoder_spec(in_channels: int, latent_channels: int, *, vae_scale_factor: int = 8) -> NetworkSpec:
+    """VAE encoder up to the diagonal Gaussian: mean and log-variance stacked on the channel axis."""
+    return NetworkSpec(
+        "vae_encoder",
+        (TensorSpec("sample", "float32", (BATCH, in_channels, HEIGHT, WIDTH)),),
+        (TensorSpec("latent_parameters", "float32",
+                    (BATCH, 2 * latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        vae_scale_factor,
+    )
+
+
+def vae_scale_factor(vae_config: Mapping) -> int:
+    """2^(number of down blocks - 1), as diffusers computes it."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = None) -> NetworkSpec:
+    """The spec of a component folder from its diffusers/transformers config.json."""
+    factor = vae_scale_factor(vae_config) if vae_config is not None else 8
+    if component in ("text_encoder", "text_encoder_2"):
+        projection = config.get("projection_dim") if component == "text_encoder_2" else None
+        return text_encoder_spec(component, config["hidden_size"], projection_dim=projection)
+    if component == "unet":
+        addition = None
+        if config.get("addition_embed_type") == "text_time":
+            addition = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return unet_spec(
+            config["in_channels"],
+            config["out_channels"],
+            _cross_attention_dim(config),
+            vae_scale_factor=factor,
+            time_cond_proj_dim=config.get("time_cond_proj_dim"),
+            addition_embed_dim=addition,
+        )
+    if component == "vae_decoder":
+        return vae_decoder_spec(config["latent_channels"], config["out_channels"], vae_scale_factor=factor)
+    if component == "vae_encoder":
+        return vae_encoder_spec(config["in_channels"], config["latent_channels"], vae_scale_factor=factor)
+    raise KeyError(f"no network spec for component {component!r}")
+
+
+def _cross_attention_dim(config: Mapping) -> int:
+    dim = config["cross_attention_dim"]
+    return dim[0] if isinstance(dim, (list, tuple)) else dim

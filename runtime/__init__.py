@@ -1,0 +1,1 @@
+"""sdrt.runtime: what applications embed. NumPy plus engines; never torch."""

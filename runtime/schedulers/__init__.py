@@ -1,0 +1,1 @@
+"""Schedulers in NumPy, at numerical parity with diffusers."""
