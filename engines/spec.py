@@ -178,3 +178,8 @@ def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = No
 def _cross_attention_dim(config: Mapping) -> int:
     dim = config["cross_attention_dim"]
     return dim[0] if isinstance(dim, (list, tuple)) else dim
+
+
+def latent_multiple(unet_config: Mapping) -> int:
+    """Latent sizes must be multiples of this: 2^(number of upsampling blocks) in the UNet."""
+    return 2 ** (len(unet_config.get("up_block_types", ())) - 1)

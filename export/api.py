@@ -1,0 +1,123 @@
+"""`export_pipeline`: a diffusers checkpoint folder -> a validated ONNX folder (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sdrt.engines.spec import latent_multiple, spec_for, vae_scale_factor
+from sdrt.export.checkpoint import load_module, open_checkpoint
+from sdrt.export.errors import ExportError, UnsupportedModelError
+from sdrt.export.folder import copy_tokenizer, staging, write_manifest
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SOURCE_FOLDER = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+MIN_OPSET = 18  # torch's dynamo exporter writes an invalid UNet at opset 17
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict:
+    names = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy")
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > newest:
+        raise UnsupportedModelError(
+            f"opset {opset} cannot be produced: sdrt exports opsets {MIN_OPSET}..{newest} "
+            f"(below {MIN_OPSET} torch's dynamo exporter writes an invalid UNet; above {newest} this onnx "
+            "package does not know the opset)"
+        )
+
+
+def validation_dims(spec, unet_config: dict, factor: int) -> list[dict]:
+    """The export shape and a second one it never saw (batch 1, non-square, shorter text)."""
+    if spec.name.startswith("text_encoder"):
+        return [spec.dims(2, 0, 0, sequence=77), spec.dims(1, 0, 0, sequence=32)]
+    step = factor * latent_multiple(unet_config)
+    base = min(unet_config.get("sample_size", 64) * factor, 4 * step)
+    base = max(step, base - base % step)
+    return [spec.dims(2, base, base), spec.dims(1, base, base + step)]
+
+
+def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
+                    components: Iterable[str] | None = None, force: bool = False,
+                    log: Callable[[str], None] | None = None) -> Path:
+    """Export every network of the checkpoint at `src` to `out`, validating each against torch.
+
+    Nothing is written at `out` unless all components export and validate; an existing `out` is
+    replaced only with `force=True`.
+    """
+    from sdrt.export.trace import export_onnx, wrap
+    from sdrt.export.validate import compare
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    _check_opset(opset)
+    ckpt = open_checkpoint(src)
+    selected = list(components) if components else list(COMPONENTS)
+    unknown = [c for c in selected if c not in COMPONENTS]
+    if unknown:
+        raise ExportError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
+    if "unet" not in selected or "vae_decoder" not in selected or "text_encoder" not in selected:
+        log("note: a folder without text_encoder, unet and vae_decoder cannot generate images")
+    unet_config, vae_config = ckpt.config("unet"), ckpt.config("vae")
+    factor = vae_scale_factor(vae_config)
+    vocab_size = ckpt.config("text_encoder").get("vocab_size", 49408)
+
+    manifest = {
+        "format": "sdrt-onnx", "format_version": FORMAT_VERSION,
+        "family": ckpt.family, "pipeline": ckpt.index["_class_name"],
+        "precision": "fp32", "opset": opset, "source": str(Path(src).resolve()),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(), "components": {}, "validation": {},
+    }
+    with staging(out, force) as tmp:
+        shutil.copy2(ckpt.path / "model_index.json", tmp / "model_index.json")
+        (tmp / "scheduler").mkdir()
+        shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        copy_tokenizer(ckpt.path / "tokenizer", tmp / "tokenizer")
+        for i, name in enumerate(selected, 1):
+            config = ckpt.config(SOURCE_FOLDER[name])
+            spec = spec_for(name, config, vae_config=vae_config)
+            dims = validation_dims(spec, unet_config, factor)
+            t0 = time.perf_counter()
+            log(f"[{i}/{len(selected)}] {name}: loading {SOURCE_FOLDER[name]}/")
+            module = wrap(name, load_module(ckpt, SOURCE_FOLDER[name]))
+            log(f"[{i}/{len(selected)}] {name}: exporting to ONNX (opset {opset})")
+            from sdrt.export.trace import sample_inputs
+
+            path = tmp / name / "model.onnx"
+            export_onnx(module, spec, sample_inputs(spec, dims[0], vocab_size=vocab_size), path, opset)
+            t1 = time.perf_counter()
+            log(f"[{i}/{len(selected)}] {name}: validating against torch at {len(dims)} shapes")
+            report = compare(module, path, spec, dims, vocab_size=vocab_size)
+            worst = max(c["max_abs"] for c in report["checks"])
+            log(f"[{i}/{len(selected)}] {name}: ok, max |onnx - torch| = {worst:.2e} "
+                f"(export {t1 - t0:.1f} s, validation {time.perf_counter() - t1:.1f} s)")
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+            manifest["components"][name] = {"spec": spec.to_json(), "export_seconds": round(t1 - t0, 2)}
+            manifest["validation"][name] = report
+            del module
+            gc.collect()
+        write_manifest(tmp, manifest)
+    log(f"exported {len(selected)} components to {out}")
+    return out

@@ -1,0 +1,119 @@
+"""Open a diffusers checkpoint folder for export: detect its family, load each module, and refuse
+any module whose weights do not all load (missing, unexpected, mismatched or newly initialized)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.export.errors import CheckpointError, UnsupportedModelError
+
+# Buffers that older checkpoints store and newer library versions recompute; not weights.
+BENIGN_KEYS = ("text_model.embeddings.position_ids",)
+
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "stable-diffusion"}
+LATER = {
+    "StableDiffusionXLPipeline": "SDXL export lands in a later version of sdrt",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL export lands in a later version of sdrt",
+    "LatentConsistencyModelPipeline": "LCM export lands in a later version of sdrt",
+    "StableDiffusionInpaintPipeline": "inpainting export lands in a later version of sdrt",
+    "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet) is not supported",
+    "FluxPipeline": "Flux (a transformer, not a UNet) is not supported",
+}
+
+
+@dataclass
+class Checkpoint:
+    """A diffusers pipeline folder: its index, family and the folders of its components."""
+
+    path: Path
+    index: dict
+    family: str
+
+    def config(self, subfolder: str) -> dict:
+        return _read_json(self.path / subfolder / "config.json")
+
+    @property
+    def scheduler_config(self) -> dict:
+        return _read_json(self.path / "scheduler" / "scheduler_config.json")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: is this a complete diffusers checkpoint folder?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def open_checkpoint(src: str | Path) -> Checkpoint:
+    """Check that `src` is a diffusers folder of a family we export."""
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointError(f"source {path} does not exist; give a local diffusers pipeline folder")
+    if not path.is_dir() or not (path / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); save one with "
+            "pipeline.save_pretrained(folder)"
+        )
+    index = _read_json(path / "model_index.json")
+    cls = index.get("_class_name", "?")
+    if cls in LATER:
+        raise UnsupportedModelError(f"{cls}: {LATER[cls]}")
+    if cls not in SUPPORTED_PIPELINES:
+        raise UnsupportedModelError(
+            f"pipeline {cls} is not supported; sdrt exports {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise CheckpointError(f"{path} has no {sub}/ folder; a {cls} needs one")
+    return Checkpoint(path, index, SUPPORTED_PIPELINES[cls])
+
+
+def load_module(checkpoint: Checkpoint, subfolder: str):
+    """Load one torch module in fp32, refusing it unless every weight loaded from the file."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    library, cls_name = checkpoint.index.get(subfolder, [None, None])
+    classes = {
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "AutoencoderKL": AutoencoderKL,
+        "CLIPTextModel": CLIPTextModel,
+        "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+    }
+    if cls_name not in classes:
+        raise UnsupportedModelError(f"{subfolder}: module class {cls_name} is not supported")
+    folder = checkpoint.path / subfolder
+    quiet = [logging.getLogger(n) for n in ("transformers", "diffusers")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        model, info = classes[cls_name].from_pretrained(folder, output_loading_info=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+        raise CheckpointError(f"{subfolder}: the weights in {folder} could not be loaded: {e}") from e
+    except Exception as e:  # safetensors raises its own error types for corrupted files
+        raise CheckpointError(f"{subfolder}: the weights in {folder} could not be loaded: {e}") from e
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [str(k) for k in info.get(kind, []) if not str(k).endswith(BENIGN_KEYS)]
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    errors = [e for e in info.get("error_msgs", []) if e]
+    if errors:
+        problems.append("errors: " + "; ".join(map(str, errors[:3])))
+    if problems:
+        raise CheckpointError(
+            f"{subfolder}: the checkpoint's weights do not all load ({'; '.join(problems)}). Exporting it "
+            "would ship newly initialized (random) weights; fix or re-save the checkpoint."
+        )
+    return model.eval()

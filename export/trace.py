@@ -1,0 +1,126 @@
+"""torch -> ONNX: wrap each diffusers/transformers module so its signature matches its network spec,
+then export with torch's dynamo exporter and dynamic axes taken from the spec."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from sdrt.engines.spec import NetworkSpec
+
+# ONNX files over 2 GB must keep their weights in a side file; optimum names it this way.
+EXTERNAL_DATA_NAME = "model.onnx_data"
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+class TextEncoderWrapper(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    """Encoder plus quant_conv: the diagonal Gaussian's parameters (mean, log-variance) on channels."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0].parameters
+
+
+def wrap(component: str, module) -> torch.nn.Module:
+    wrappers = {
+        "text_encoder": TextEncoderWrapper,
+        "unet": UNetWrapper,
+        "vae_decoder": VaeDecoderWrapper,
+        "vae_encoder": VaeEncoderWrapper,
+    }
+    return wrappers[component](module).eval()
+
+
+def sample_inputs(spec: NetworkSpec, dims: dict[str, int], seed: int = 0, vocab_size: int = 49408) -> tuple:
+    """Seeded random inputs of the spec's shapes: token ids for int64 inputs, normals otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+    for t in spec.inputs:
+        shape = t.resolve(dims)
+        if t.dtype == "int64":
+            inputs.append(torch.randint(0, vocab_size, shape, generator=g))
+        elif t.name == "timestep":
+            inputs.append(torch.randint(0, 1000, shape, generator=g).float())
+        else:
+            inputs.append(torch.randn(shape, generator=g))
+    return tuple(inputs)
+
+
+def export_onnx(module: torch.nn.Module, spec: NetworkSpec, example: tuple, path: Path, opset: int) -> None:
+    """Export `module` to `path` with the spec's input/output names and dynamic axes."""
+    dynamic_shapes = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes} for t in spec.inputs
+    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, example, dynamo=True, opset_version=opset,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    _name_dynamic_axes(program.model, spec)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if size > PROTOBUF_LIMIT * 0.9:
+        import onnx
+
+        proto = program.model_proto
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    else:
+        program.save(str(path), external_data=False)
+
+
+def _name_dynamic_axes(model, spec: NetworkSpec) -> None:
+    """Give the graph's symbolic dims the spec's axis names (batch, height, ...) instead of s0, s1."""
+    tensors = {t.name: t for t in spec.inputs + spec.outputs}
+    renames = {}
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        t = tensors.get(value.name)
+        if t is None or value.shape is None:
+            continue
+        for axis, dim in enumerate(value.shape):
+            if axis < len(t.shape) and isinstance(t.shape[axis], str) and not isinstance(dim, int):
+                if dim.value is not None and dim.value not in renames:
+                    renames[dim.value] = t.shape[axis]
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.shape is None:
+            continue
+        import onnx_ir as ir
+
+        value.shape = ir.Shape([
+            ir.SymbolicDim(renames.get(d.value, d.value)) if not isinstance(d, int) else d for d in value.shape
+        ])
