@@ -29,7 +29,8 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """transformers' CLIPTokenizer over the bundled real CLIP vocabulary."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt"), pad_token=pad_token)
+    return CLIPTokenizer(str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt"), pad_token=pad_token,
+                         model_max_length=77)
 
 
 def tiny_pipeline(flavour: str = "sd1", seed: int = 0):

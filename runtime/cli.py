@@ -1,0 +1,118 @@
+"""The `sdrt` command: export, generate, info (and more as they land).
+
+`sdrt export` imports sdrt.export lazily, so everything else runs on the base install (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sdrt.engines.errors import SdrtError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
+
+
+def cmd_export(args) -> int:
+    try:
+        from sdrt.export.api import export_pipeline
+    except ImportError as e:
+        raise SdrtError(
+            f"sdrt export needs the export extra ({e.name} is not installed): "
+            "pip install torch==2.13.0 && pip install 'sdrt[export]'"
+        ) from e
+    components = args.components.split(",") if args.components else None
+    export_pipeline(args.source, args.output, opset=args.opset, components=components, force=args.force)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from sdrt.runtime.info import describe, format_info
+
+    info = describe(args.folder, verify="sha256")
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sdrt.runtime import image as imageio
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.folder, provider=args.provider, scheduler=args.scheduler)
+    width, height = args.size if args.size else (None, None)
+    result = pipe(
+        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, height=height, width=width, num_images_per_prompt=args.num_images,
+        seed=args.seed, rng=args.rng, output_type="pil", progress=not args.quiet,
+    )
+    out = Path(args.output)
+    paths = [out] if len(result.images) == 1 else [
+        out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
+    ]
+    for image, params, path in zip(result.images, result.parameters, paths):
+        imageio.save_png(image, path, parameters=params)
+        print(path)
+    t = result.timings
+    print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
+          f"({t['steps']} steps), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a diffusers checkpoint folder to a validated ONNX folder (needs sdrt[export])")
+    e.add_argument("source", help="a local diffusers pipeline folder")
+    e.add_argument("output", help="the folder to create")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest that works)")
+    e.add_argument("--components", help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder")
+    e.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    g.add_argument("folder", help="an exported model folder")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="PNG path (numbered when several images)")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--rng", choices=("torch", "numpy"), default="torch",
+                   help="noise stream: torch (same image as diffusers for a seed) or numpy")
+    g.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe an exported folder and verify its files")
+    i.add_argument("folder")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SdrtError as e:
+        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

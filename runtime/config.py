@@ -1,0 +1,128 @@
+"""An exported model folder, read into frozen configs: which components it has, their specs and
+every model constant the pipeline needs (scaling factor, latent channels, sizes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdrt.engines.files import MANIFEST, sha256_file
+from sdrt.engines.spec import NetworkSpec, latent_multiple, spec_for, vae_scale_factor
+from sdrt.runtime.errors import ModelFolderError, UnsupportedConfigError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+PIPELINES = {"StableDiffusionPipeline": "stable-diffusion", "ORTStableDiffusionPipeline": "stable-diffusion"}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing; is {path.parent.parent} an exported sdrt/optimum folder?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from e
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    scaling_factor: float
+    shift_factor: float
+    latent_channels: int
+    scale_factor: int  # pixels per latent cell
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VaeConfig":
+        return cls(
+            scaling_factor=float(d.get("scaling_factor", 0.18215)),
+            shift_factor=float(d.get("shift_factor") or 0.0),
+            latent_channels=int(d["latent_channels"]),
+            scale_factor=vae_scale_factor(d),
+        )
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A validated view of an exported folder (written by sdrt, or by optimum without sdrt.json)."""
+
+    path: Path
+    family: str
+    pipeline: str
+    components: tuple[str, ...]
+    configs: dict = field(repr=False)
+    manifest: dict | None = field(repr=False, default=None)
+
+    @classmethod
+    def open(cls, path, verify: str = "size") -> "ModelFolder":
+        """Read and check a folder. verify: "none", "size" (files present, sizes as recorded) or "sha256"."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelFolderError(f"{path} is not a folder; give the output folder of `sdrt export`")
+        index = read_json(path / "model_index.json")
+        cls_name = index.get("_class_name", "?")
+        if cls_name not in PIPELINES:
+            raise UnsupportedConfigError(
+                f"{path}: pipeline {cls_name} is not supported by this runtime (supported: {', '.join(PIPELINES)})"
+            )
+        components = tuple(c for c in COMPONENTS if (path / c / "model.onnx").is_file())
+        missing = [c for c in REQUIRED if c not in components]
+        if missing:
+            raise ModelFolderError(f"{path} lacks {', '.join(c + '/model.onnx' for c in missing)}; re-run sdrt export")
+        configs = {c: read_json(path / c / "config.json") for c in components}
+        configs["scheduler"] = read_json(path / "scheduler" / "scheduler_config.json")
+        manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+        folder = cls(path, PIPELINES[cls_name], cls_name, components, configs, manifest)
+        if verify != "none":
+            folder.verify(full=(verify == "sha256"))
+        return folder
+
+    def verify(self, full: bool = False) -> None:
+        """Check the files recorded in sdrt.json: present, same size, and (full) same sha256."""
+        if self.manifest is None:
+            return
+        for rel, rec in self.manifest.get("files", {}).items():
+            f = self.path / rel
+            if not f.is_file():
+                raise ModelFolderError(f"{f} is missing (listed in {MANIFEST}); re-export the folder")
+            size = f.stat().st_size
+            if size != rec["size"]:
+                raise ModelFolderError(
+                    f"{f} is {size} bytes but {MANIFEST} records {rec['size']}: truncated or replaced; re-export"
+                )
+            if full and sha256_file(f) != rec["sha256"]:
+                raise ModelFolderError(f"{f} does not match its sha256 in {MANIFEST}: corrupted or modified; re-export")
+
+    @property
+    def vae(self) -> VaeConfig:
+        return VaeConfig.from_dict(self.configs["vae_decoder"])
+
+    @property
+    def unet_config(self) -> dict:
+        return self.configs["unet"]
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.configs["scheduler"]
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent height/width must be multiples of this."""
+        return latent_multiple(self.unet_config)
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.latent_multiple * self.vae.scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet_config.get("sample_size", 64)) * self.vae.scale_factor
+
+    def spec(self, component: str) -> NetworkSpec:
+        return spec_for(component, self.configs[component], vae_config=self.configs["vae_decoder"])
+
+    def onnx_path(self, component: str) -> Path:
+        return self.path / component / "model.onnx"
+
+    def precision(self) -> str:
+        return (self.manifest or {}).get("precision", "fp32")

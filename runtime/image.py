@@ -1,0 +1,246 @@
+"""Pictures in and out: VAE tensors <-> uint8 / PIL images as diffusers' VaeImageProcessor makes them, PNG output.
+
+The VAE decoder gives NCHW floats in [-1, 1]; `to_uint8` / `to_unit` / `to_pil` turn them into what
+diffusers' pipelines return for output_type="pil" / "np". `from_pil` is the other way, for the VAE
+encoder (img2img). `save_png` writes a PNG atomically with the generation parameters in a
+"parameters" text chunk, the key AUTOMATIC1111's web UI writes and reads, as `format_parameters`
+formats them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdrt.runtime.errors import InvalidInputError
+
+# diffusers' VaeImageProcessor(resample="lanczos"), the default every Stable Diffusion pipeline uses.
+RESAMPLE = Image.Resampling.LANCZOS
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """NCHW floats in [-1, 1] -> NHWC float32 in [0, 1], as diffusers' output_type="np".
+
+    Arithmetic runs in the input's dtype (float16 stays float16 until the end), as torch does in
+    VaeImageProcessor.postprocess. NaN stays NaN.
+    """
+    images = _check_nchw_float(images)
+    unit = np.clip(images * 0.5 + 0.5, 0, 1)  # VaeImageProcessor.denormalize
+    return np.ascontiguousarray(unit.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """NCHW floats in [-1, 1] -> NHWC uint8, bit-identical to diffusers' output_type="pil".
+
+    diffusers rounds `unit * 255` half to even in float32 (numpy's round). NaN has no uint8 value:
+    it raises InvalidInputError (diffusers silently makes it 0, a black image; NaN from a VAE
+    usually means float16 overflow).
+    """
+    unit = to_unit(images)
+    nan_count = int(np.isnan(unit).sum())
+    if nan_count:
+        raise InvalidInputError(
+            f"images hold {nan_count} NaN values, which have no pixel value; a float16 VAE that overflowed "
+            "gives them: decode in float32, or use a VAE fixed for float16"
+        )
+    return (unit * 255).round().astype(np.uint8)
+
+
+def to_pil(images_uint8: np.ndarray) -> list[Image.Image]:
+    """NHWC (or HWC) uint8 -> PIL images: 1 channel L, 3 RGB, 4 RGBA. The images do not share the array's memory."""
+    array = np.asarray(images_uint8)
+    if array.dtype != np.uint8:
+        raise InvalidInputError(f"to_pil takes uint8 pixels (see to_uint8), got dtype {array.dtype}")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise InvalidInputError(f"to_pil takes NHWC or HWC with 1, 3 or 4 channels, got shape {array.shape}")
+    return [Image.fromarray(np.array(image[..., 0] if image.shape[-1] == 1 else image)) for image in array]
+
+
+def from_pil(
+    image: Image.Image | np.ndarray | list,
+    height: int | None = None,
+    width: int | None = None,
+    vae_scale_factor: int = 8,
+) -> np.ndarray:
+    """RGB picture(s) -> NCHW float32 in [-1, 1] for the VAE encoder, as VaeImageProcessor.preprocess.
+
+    image: a PIL image, an HWC uint8 RGB array, or a list of them (one batch, all resized to one size).
+    height, width: the size to resize to (lanczos, as diffusers), multiples of vae_scale_factor;
+    by default the first image's size rounded down to a multiple, as diffusers does.
+
+    Modes: RGB is taken as is; P (palette) without transparency is converted to RGB, losslessly.
+    Everything else is refused with InvalidInputError rather than guessed at: RGBA, LA and
+    transparent palettes (how to flatten the alpha is the caller's choice: composite onto a
+    background, then .convert("RGB")), and L, 1, I, F, CMYK, YCbCr, ... (call .convert("RGB") if
+    that is what you mean). diffusers itself passes such images through unconverted and fails later
+    in the VAE, or encodes palette indices as if they were grey levels. EXIF orientation is not
+    applied: pass PIL.ImageOps.exif_transpose(image) for camera pictures.
+    """
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise InvalidInputError("from_pil got an empty list of images")
+    pictures = [_as_rgb(item, index) for index, item in enumerate(images)]
+    height = _vae_size("height", height, pictures[0].height, vae_scale_factor)
+    width = _vae_size("width", width, pictures[0].width, vae_scale_factor)
+    pixels = np.stack([np.asarray(p.resize((width, height), resample=RESAMPLE), dtype=np.float32) for p in pictures])
+    pixels = 2.0 * (pixels / 255.0) - 1.0  # VaeImageProcessor.pil_to_numpy, then normalize
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
+    """Write image as a PNG at path, with `parameters` in a "parameters" text chunk (AUTOMATIC1111's key).
+
+    Atomic: the PNG is written to a temporary file in the same folder, flushed to disk, then renamed
+    over path, so a reader never sees half a file. The text goes in a tEXt chunk, or in an iTXt
+    chunk when it is not Latin-1 (as PIL, and so the web UI, does).
+    """
+    if isinstance(image, np.ndarray):
+        pictures = to_pil(image)
+        if len(pictures) != 1:
+            raise InvalidInputError(f"save_png writes one image, got an array of {len(pictures)}")
+        image = pictures[0]
+    if not isinstance(image, Image.Image):
+        raise InvalidInputError(f"save_png takes a PIL image or an HWC uint8 array, got {type(image).__name__}")
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open applies the umask to 0o666, as a plain open() would; mkstemp would make the file 0o600.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with open(descriptor, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def format_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    scheduler: str,
+    guidance_scale: float,
+    seed: int | None,
+    width: int,
+    height: int,
+    model: str | None = None,
+    **extra,
+) -> str:
+    """Generation parameters as AUTOMATIC1111's web UI writes them (its "infotext").
+
+    "prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: m"
+    The negative prompt line is left out when it is empty; None values are left out; extra keys
+    become labels ("clip_skip" -> "Clip skip"); a value holding "," ":" or a newline is JSON-quoted.
+    """
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+    fields = {
+        "Steps": steps,
+        "Sampler": scheduler,
+        "CFG scale": guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    for key, value in extra.items():
+        label = key.replace("_", " ")
+        fields[label[:1].upper() + label[1:]] = value
+    settings = ", ".join(f"{label}: {_infotext_value(value)}" for label, value in fields.items() if value is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{settings}".strip()
+
+
+def image_grid(images: list, cols: int) -> Image.Image:
+    """Images of one size tiled left to right, top to bottom, `cols` per row (fewer if there are fewer)."""
+    pictures = [item if isinstance(item, Image.Image) else _one_picture(item) for item in images]
+    if not pictures:
+        raise InvalidInputError("image_grid got no images")
+    if not isinstance(cols, int) or cols < 1:
+        raise InvalidInputError(f"cols must be a positive integer, got {cols!r}")
+    sizes = {picture.size for picture in pictures}
+    if len(sizes) != 1:
+        raise InvalidInputError(f"image_grid needs images of one size, got sizes {sorted(sizes)}")
+    cols = min(cols, len(pictures))
+    rows = math.ceil(len(pictures) / cols)
+    width, height = pictures[0].size
+    grid = Image.new(pictures[0].mode, (cols * width, rows * height))
+    for index, picture in enumerate(pictures):
+        grid.paste(picture, box=(index % cols * width, index // cols * height))
+    return grid
+
+
+def _check_nchw_float(images) -> np.ndarray:
+    array = np.asarray(images)
+    if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating):
+        raise InvalidInputError(
+            f"expected VAE output: NCHW floats in [-1, 1], got shape {array.shape} and dtype {array.dtype}"
+        )
+    return array
+
+
+def _one_picture(array) -> Image.Image:
+    pictures = to_pil(array)
+    if len(pictures) != 1:
+        raise InvalidInputError(f"expected one HWC image, got an array of {len(pictures)}")
+    return pictures[0]
+
+
+def _as_rgb(image, index: int) -> Image.Image:
+    """A PIL RGB image from a PIL image or an HWC uint8 array; see from_pil for the modes taken."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise InvalidInputError(
+                f"image {index}: arrays must be HWC uint8 RGB, got shape {image.shape} and dtype {image.dtype}"
+            )
+        return Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise InvalidInputError(
+            f"image {index}: expected a PIL image or an HWC uint8 array, got {type(image).__name__}"
+        )
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" not in image.info:
+        return image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        raise InvalidInputError(
+            f"image {index} has transparency (mode {image.mode}); the VAE takes RGB: composite it onto a "
+            "background of your choice, then .convert('RGB')"
+        )
+    raise InvalidInputError(
+        f"image {index} has mode {image.mode}, not RGB; call image.convert('RGB') if it should be read as RGB"
+    )
+
+
+def _vae_size(name: str, value: int | None, image_size: int, vae_scale_factor: int) -> int:
+    if value is None:
+        value = image_size - image_size % vae_scale_factor  # as diffusers' get_default_height_width
+        if value == 0:
+            raise InvalidInputError(f"image {name} {image_size} is smaller than the VAE's factor {vae_scale_factor}")
+        return value
+    if not isinstance(value, int) or value <= 0 or value % vae_scale_factor:
+        raise InvalidInputError(f"{name} must be a positive multiple of {vae_scale_factor}, got {value!r}")
+    return value
+
+
+def _infotext_value(value) -> str:
+    """A value as the web UI writes it: whole floats without ".0", quoted when it holds , : or a newline."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text

@@ -1,0 +1,46 @@
+"""Session fixtures: tiny random-weight diffusers checkpoints, and their exports (made once per run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Blocks heavy frameworks in a subprocess: proves the runtime and engines never need them.
+NO_TORCH_PRELUDE = textwrap.dedent("""
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "diffusers", "transformers", "onnxscript", "accelerate"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, _Block())
+""")
+
+
+def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH_PRELUDE + textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("diffusers")
+    from sdrt.export.fixtures import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {flavour: save_tiny_pipeline(root / flavour, flavour) for flavour in ("sd1", "sd2")}
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from sdrt.export.api import export_pipeline
+
+    root = tmp_path_factory.mktemp("exported")
+    return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in checkpoints.items()}
