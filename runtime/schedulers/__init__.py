@@ -1,1 +1,22 @@
-"""Schedulers in NumPy, at numerical parity with diffusers."""
+"""Schedulers in NumPy, at numerical parity with diffusers.
+
+    from sdrt.runtime.schedulers import load_scheduler, SCHEDULER_NAMES
+    sched = load_scheduler(scheduler_config_dict, name=None)
+
+See scheduler.py for the sampling loop, registry.py for the names, plan.py for adding a solver.
+"""
+
+from sdrt.runtime.schedulers.config import SchedulerConfig
+from sdrt.runtime.schedulers.plan import Plan, Solver
+from sdrt.runtime.schedulers.registry import SCHEDULER_NAMES, SUPPORTED_CLASS_NAMES, load_scheduler
+from sdrt.runtime.schedulers.scheduler import Scheduler
+
+__all__ = [
+    "SCHEDULER_NAMES",
+    "SUPPORTED_CLASS_NAMES",
+    "Plan",
+    "Scheduler",
+    "SchedulerConfig",
+    "Solver",
+    "load_scheduler",
+]

@@ -1,0 +1,73 @@
+"""Every scheduler by name, and `load_scheduler`, the one way to get one.
+
+A registry name is a solver family plus option overrides ("euler-karras" = Euler with
+use_karras_sigmas=True). To add a solver: write its module (see plan.py for the Solver record),
+then add `_register(...)` lines below; SCHEDULER_NAMES and the class-name lookup follow.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
+from sdrt.runtime.schedulers.config import resolve_config
+from sdrt.runtime.schedulers.ddim import DDIM
+from sdrt.runtime.schedulers.ddpm import DDPM
+from sdrt.runtime.schedulers.euler import EULER, EULER_ANCESTRAL
+from sdrt.runtime.schedulers.heun import HEUN
+from sdrt.runtime.schedulers.lms import LMS
+from sdrt.runtime.schedulers.plan import Solver
+from sdrt.runtime.schedulers.pndm import PNDM
+from sdrt.runtime.schedulers.scheduler import Scheduler
+
+_SCHEDULERS: dict[str, tuple[Solver, dict[str, Any]]] = {}
+_CLASS_TO_NAME: dict[str, str] = {}  # diffusers `_class_name` -> registry name
+
+
+def _register(name: str, solver: Solver, **overrides: Any) -> None:
+    assert name == name.lower() and name not in _SCHEDULERS, name
+    _SCHEDULERS[name] = (solver, overrides)
+    if not overrides:
+        _CLASS_TO_NAME.setdefault(solver.diffusers_class, name)
+
+
+_register("ddim", DDIM)
+_register("pndm", PNDM)
+_register("ddpm", DDPM)
+_register("euler", EULER)
+_register("euler-karras", EULER, use_karras_sigmas=True)
+_register("euler-a", EULER_ANCESTRAL)
+_register("heun", HEUN)
+_register("heun-karras", HEUN, use_karras_sigmas=True)
+_register("lms", LMS)
+_register("lms-karras", LMS, use_karras_sigmas=True)
+
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(_CLASS_TO_NAME)
+
+
+def load_scheduler(config: Mapping[str, Any], name: str | None = None) -> Scheduler:
+    """A scheduler from a `scheduler_config.json` dict; `name` picks another solver (as diffusers'
+    `OtherScheduler.from_config(config)`), else the file's `_class_name` decides."""
+    if not isinstance(config, Mapping):
+        raise InvalidInputError(
+            f"scheduler config must be a dict (parsed scheduler_config.json), got {type(config).__name__}"
+        )
+    if name is None:
+        class_name = config.get("_class_name")
+        if class_name is None:
+            raise InvalidInputError(
+                f"scheduler config has no _class_name; pass name=, one of: {', '.join(SCHEDULER_NAMES)}"
+            )
+        if class_name not in _CLASS_TO_NAME:
+            raise UnsupportedConfigError(
+                f"scheduler class {class_name!r} is not supported by sdrt; supported classes: "
+                f"{', '.join(SUPPORTED_CLASS_NAMES)}; or pass name=, one of: {', '.join(SCHEDULER_NAMES)}"
+            )
+        name = _CLASS_TO_NAME[class_name]
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _SCHEDULERS:
+        raise InvalidInputError(f"unknown scheduler name {name!r}; known names: {', '.join(SCHEDULER_NAMES)}")
+    solver, overrides = _SCHEDULERS[key]
+    resolved = resolve_config(config, solver.diffusers_class, solver.class_defaults, solver.implemented, overrides)
+    return Scheduler(name=key, config=resolved, solver=solver)
