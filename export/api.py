@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from sdrt.engines.spec import latent_multiple, spec_for, vae_scale_factor
 from sdrt.export.checkpoint import load_module, open_checkpoint
-from sdrt.export.errors import ExportError, UnsupportedModelError
+from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -34,6 +34,20 @@ def _versions() -> dict:
             out[n] = None
     out["python"] = platform.python_version()
     return out
+
+
+def require_export_extra() -> None:
+    """Fail early, naming the extra, when torch / diffusers / transformers / onnx are missing."""
+    import importlib
+
+    for name in ("torch", "diffusers", "transformers", "onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MissingExtraError(
+                f"sdrt export needs {name}, which is not installed: pip install torch==2.13.0 "
+                "&& pip install 'sdrt[export]'"
+            ) from e
 
 
 def _check_opset(opset: int) -> None:
@@ -66,7 +80,8 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
     Nothing is written at `out` unless all components export and validate; an existing `out` is
     replaced only with `force=True`.
     """
-    from sdrt.export.trace import export_onnx, wrap
+    require_export_extra()
+    from sdrt.export.trace import export_onnx, sample_inputs, wrap
     from sdrt.export.validate import compare
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -103,8 +118,6 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
             log(f"[{i}/{len(selected)}] {name}: loading {SOURCE_FOLDER[name]}/")
             module = wrap(name, load_module(ckpt, SOURCE_FOLDER[name]))
             log(f"[{i}/{len(selected)}] {name}: exporting to ONNX (opset {opset})")
-            from sdrt.export.trace import sample_inputs
-
             path = tmp / name / "model.onnx"
             export_onnx(module, spec, sample_inputs(spec, dims[0], vocab_size=vocab_size), path, opset)
             t1 = time.perf_counter()

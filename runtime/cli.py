@@ -66,6 +66,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from sdrt.runtime.demo import run_demo
+
+    run_demo(args.output, model=args.model, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+             scheduler=args.scheduler, provider=args.provider)
+    print(args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="draw a grid of shapes with the bundled trained demo model")
+    d.add_argument("-o", "--output", default="demo.png")
+    d.add_argument("--model", default=None, help="an exported folder (default: the bundled demo model)")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--guidance", type=float, default=5.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scheduler", default=None)
+    d.add_argument("--provider", default="cpu")
+    d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="describe an exported folder and verify its files")
     i.add_argument("folder")
