@@ -93,3 +93,40 @@ def save_tiny_pipeline(path, flavour: str = "sd1", seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(flavour, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def sd15_pipeline(seed: int = 0):
+    """The real SD 1.5 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M) with random
+    weights: honest speed and memory figures, since latency does not depend on weight values."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    ))
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_sd15_pipeline(path, seed: int = 0) -> Path:
+    path = Path(path)
+    sd15_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,43 @@
+"""`sdrt generate` and folders without sdrt.json (optimum's layout)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from sdrt.runtime.cli import main
+from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+
+def test_generate_writes_pngs_with_parameters(exported, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    rc = main(["generate", str(exported["sd1"]), "a red circle", "-o", str(out), "--steps", "2", "--seed", "5",
+               "--num-images", "2", "--negative", "blurry", "--scheduler", "euler-a", "--size", "64x80", "-q"])
+    assert rc == 0
+    files = sorted(tmp_path.glob("img-*.png"))
+    assert [f.name for f in files] == ["img-0.png", "img-1.png"]
+    with Image.open(files[0]) as im:
+        assert im.size == (64, 80)
+        text = im.text["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blurry\n")
+    assert "Steps: 2" in text and "Seed: 5" in text and "Size: 64x80" in text and "euler-a" in text
+
+
+def test_generate_bad_size_is_a_clear_error(exported, tmp_path, capsys):
+    rc = main(["generate", str(exported["sd1"]), "x", "-o", str(tmp_path / "a.png"), "--size", "70x64", "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "width=70 is not a multiple of 16" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_folder_without_manifest_runs(exported, tmp_path):
+    """optimum's ONNX folders have no sdrt.json: they must load and give the same image."""
+    folder = tmp_path / "optimum-like"
+    shutil.copytree(exported["sd1"], folder)
+    (folder / "sdrt.json").unlink()
+    a = StableDiffusionPipeline.from_pretrained(folder)("a cat", num_inference_steps=2, seed=1, output_type="np")
+    b = StableDiffusionPipeline.from_pretrained(exported["sd1"])("a cat", num_inference_steps=2, seed=1, output_type="np")
+    assert np.array_equal(a.images, b.images)
