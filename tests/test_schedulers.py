@@ -53,11 +53,24 @@ DIFFUSERS_EQUIVALENT = {
     "heun-karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "lms": ("LMSDiscreteScheduler", {}),
     "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m-sde-karras": (
+        "DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc-karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
 }
-STOCHASTIC = {"euler-a", "ddpm"}
-PREDICTS_SAMPLE = {"ddim", "ddpm", "euler", "euler-karras", "heun", "heun-karras", "lms", "lms-karras"}
-ZERO_SNR = {"ddim", "ddpm", "euler", "euler-karras", "euler-a"}
-CLIPS = {"ddim", "ddpm", "heun", "heun-karras"}
+DPM = {"dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "dpm++2m-sde-karras"}
+UNIPC = {"unipc", "unipc-karras"}
+STOCHASTIC = {"euler-a", "ddpm", "dpm++2m-sde", "dpm++2m-sde-karras", "lcm"}
+PREDICTS_SAMPLE = {
+    "ddim", "ddpm", "euler", "euler-karras", "heun", "heun-karras", "lms", "lms-karras", *DPM, *UNIPC, "lcm",
+}
+ZERO_SNR = {"ddim", "ddpm", "euler", "euler-karras", "euler-a", *DPM, *UNIPC, "lcm"}
+CLIPS = {"ddim", "ddpm", "heun", "heun-karras", "lcm"}
 
 VARIANTS = {
     "sd15": {},
@@ -261,6 +274,8 @@ def test_sd15_loop_matches_diffusers(name, steps):
 def test_config_variants_match_diffusers(name, variant, steps):
     if (name, variant, steps) == DIFFUSERS_NAN:
         pytest.skip("diffusers returns NaN here; see test_euler_ancestral_stays_finite_where_diffusers_is_nan")
+    if (name, variant, steps) in DIFFUSERS_CRASHES:
+        pytest.skip("diffusers fails here; see test_karras_runs_where_diffusers_fails")
     assert_loop_parity(name, {**SD15, **VARIANTS[variant]}, steps)
 
 
@@ -276,6 +291,30 @@ def test_euler_ancestral_stays_finite_where_diffusers_is_nan():
     latents = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(1000)).numpy()
     assert np.isnan(run_diffusers(name, config, steps, latents)[3][1]).all()
     samples = run_sdrt(name, config, steps, latents)[3]
+    assert all(np.isfinite(sample).all() for sample in samples)
+
+
+# Karras sigmas on the cosine schedule start 20291, 15612, ... and map to repeated timesteps (998,
+# 998, ...); with zero-SNR betas and 25 steps the first ones all round to 999. diffusers' multistep
+# schedulers locate their first step by timestep value, take the second of the repeats and run off
+# the end of the schedule (DPM: IndexError; UniPC: its `this_order > 0` assertion); sdrt steps by index.
+DIFFUSERS_CRASHES = {
+    *((name, variant, steps)
+      for name in ("dpm++2m-karras", "dpm++2m-sde-karras")
+      for variant, steps in (("cosine-betas", 4), ("cosine-betas", 25), ("zsnr", 25))),
+    ("unipc-karras", "cosine-betas", 25),
+    ("unipc-karras", "zsnr", 25),
+}
+
+
+@pytest.mark.parametrize("name, variant, steps", sorted(DIFFUSERS_CRASHES))
+def test_karras_runs_where_diffusers_fails(name, variant, steps):
+    config = {**SD15, **VARIANTS[variant]}
+    latents = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(1000)).numpy()
+    with pytest.raises((IndexError, AssertionError)):
+        run_diffusers(name, config, steps, latents)
+    timesteps, _, _, samples = run_sdrt(name, config, steps, latents)
+    assert timesteps[0] == timesteps[1] and len(timesteps) == steps
     assert all(np.isfinite(sample).all() for sample in samples)
 
 
@@ -365,3 +404,76 @@ def test_use_default_values_are_dropped_like_diffusers():
     config = dict(diffusers.PNDMScheduler.from_config(SD15).config)
     assert "timestep_spacing" in config["_use_default_values"]
     assert load_scheduler(config, "euler").config.timestep_spacing == "linspace"
+
+
+# --- multistep and consistency solvers -----------------------------------------------------------
+
+DPM_CONFIG = {**SD15, "_class_name": "DPMSolverMultistepScheduler"}
+UNIPC_CONFIG = {**SD15, "_class_name": "UniPCMultistepScheduler"}
+
+
+@pytest.mark.parametrize("steps", [4, 20])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"solver_type": "heun"},
+        {"solver_type": "heun", "algorithm_type": "sde-dpmsolver++"},
+        {"euler_at_final": True, "final_sigmas_type": "sigma_min"},
+        {"lower_order_final": False, "final_sigmas_type": "sigma_min"},
+        {"final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+        {"solver_order": 1},
+        {"use_lu_lambdas": True},
+        {"use_exponential_sigmas": True},
+        {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"},
+        {"solver_type": "bh2"},  # a UniPC option: diffusers runs it as midpoint
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_dpm_options_match_diffusers(options, steps):
+    assert_loop_parity("dpm++2m", {**DPM_CONFIG, **options}, steps, seed=4)
+
+
+def test_dpm_class_name_honours_the_files_algorithm_type():
+    sde = {**DPM_CONFIG, "algorithm_type": "sde-dpmsolver++"}
+    sched = load_scheduler(sde)
+    assert sched.name == "dpm++2m" and sched.config.algorithm_type == "sde-dpmsolver++"
+    assert_loop_parity("dpm++2m", sde, 10, seed=9)
+    assert load_scheduler(sde, "dpm++2m-karras").config.algorithm_type == "dpmsolver++"
+
+
+@pytest.mark.parametrize("steps", [4, 20])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+        {"final_sigmas_type": "sigma_min"},
+        {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "sigma_min": 0.05, "sigma_max": 10.0},
+        {"use_exponential_sigmas": True},
+        {"disable_corrector": [0, 2]},
+        {"lower_order_final": False, "final_sigmas_type": "sigma_min"},  # second order onto sigma 0 is inf
+        {"solver_order": 1},
+        {"solver_type": "midpoint"},  # a DPM option: diffusers runs it as bh2
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_unipc_options_match_diffusers(options, steps):
+    assert_loop_parity("unipc", {**UNIPC_CONFIG, **options}, steps)
+
+
+def test_unipc_bh1_is_finite_where_diffusers_is_nan():
+    """With bh1, B(h) = -h is -inf on the step to sigma 0; diffusers multiplies it by a zero residual
+    (NaN); sdrt leaves the zero first-order residual out."""
+    config = {**UNIPC_CONFIG, "solver_type": "bh1"}
+    latents = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(1000)).numpy()
+    reference = run_diffusers("unipc", config, 10, latents)[3]
+    samples = run_sdrt("unipc", config, 10, latents)[3]
+    assert np.isnan(reference[-1]).all() and np.isfinite(samples[-1]).all()
+    assert_trajectory_close([], samples[:1], [], reference[:1])
+    for ours, theirs in zip(samples[1:-1], reference[1:-1]):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"original_inference_steps": 25}, {"timestep_scaling": 5.0}, {}])
+@pytest.mark.parametrize("steps", [2, 8])
+def test_lcm_options_match_diffusers(options, steps):
+    assert_loop_parity("lcm", {**SD15, "_class_name": "LCMScheduler", **options}, steps, seed=6)

@@ -46,6 +46,7 @@ def test_class_name_picks_the_solver():
     classes = {
         "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
         "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
+        "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc", "LCMScheduler": "lcm",
     }
     for class_name, name in classes.items():
         assert load_scheduler({**SD15, "_class_name": class_name}).name == name
@@ -78,6 +79,16 @@ def test_name_is_case_insensitive_and_overrides_apply():
         ("heun", "rescale_betas_zero_snr", True),
         ("ddim", "use_flow_sigmas", True),
         ("euler", "some_future_option", 3),
+        ("dpm++2m", "algorithm_type", "dpmsolver"),  # the deprecated noise-prediction variants
+        ("dpm++2m", "algorithm_type", "sde-dpmsolver"),
+        ("dpm++2m", "solver_order", 3),
+        ("dpm++2m", "variance_type", "learned_range"),
+        ("dpm++2m", "use_flow_sigmas", True),
+        ("dpm++2m-karras", "thresholding", True),
+        ("unipc", "solver_order", 3),
+        ("unipc", "predict_x0", False),
+        ("unipc", "use_flow_sigmas", True),
+        ("lcm", "thresholding", True),
     ],
 )
 def test_unsupported_option_is_refused_by_name(name, option, value):
@@ -128,6 +139,27 @@ def test_bad_plan_options_are_rejected():
     for strength in (0.0, 1.5, 0.01):
         with pytest.raises(InvalidInputError, match="strength"):
             load_scheduler(SD15, "ddim").plan(10, strength=strength)
+
+
+def test_lcm_refuses_more_steps_than_it_was_distilled_for():
+    with pytest.raises(InvalidInputError, match="original_inference_steps"):
+        load_scheduler(SD15, "lcm").plan(51)
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "unipc"])
+def test_multistep_state_is_returned_not_kept(name):
+    sched = load_scheduler(SD15, name)
+    plan = sched.plan(6)
+    sample = np.ones(SHAPE, np.float32)
+    state = sched.initial_state(plan)
+    for i in range(3):
+        output = np.full(SHAPE, 0.1 * (i + 1), np.float32)
+        sample, state = sched.step(plan, i, output, sample, state, None)
+    again, _ = sched.step(plan, 3, np.zeros(SHAPE, np.float32), sample, state, None)
+    first, _ = sched.step(plan, 3, np.zeros(SHAPE, np.float32), sample, state, None)
+    np.testing.assert_array_equal(first, again)
+    fresh, _ = sched.step(plan, 3, np.zeros(SHAPE, np.float32), sample, None, None)
+    assert not np.array_equal(first, fresh)  # the history changes the step
 
 
 def test_heun_declares_two_evaluations_per_step():

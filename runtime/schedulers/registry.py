@@ -13,12 +13,15 @@ from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
 from sdrt.runtime.schedulers.config import resolve_config
 from sdrt.runtime.schedulers.ddim import DDIM
 from sdrt.runtime.schedulers.ddpm import DDPM
+from sdrt.runtime.schedulers.dpmsolver import DPM_SOLVER
 from sdrt.runtime.schedulers.euler import EULER, EULER_ANCESTRAL
 from sdrt.runtime.schedulers.heun import HEUN
+from sdrt.runtime.schedulers.lcm import LCM
 from sdrt.runtime.schedulers.lms import LMS
 from sdrt.runtime.schedulers.plan import Solver
 from sdrt.runtime.schedulers.pndm import PNDM
 from sdrt.runtime.schedulers.scheduler import Scheduler
+from sdrt.runtime.schedulers.unipc import UNIPC
 
 _SCHEDULERS: dict[str, tuple[Solver, dict[str, Any]]] = {}
 _CLASS_TO_NAME: dict[str, str] = {}  # diffusers `_class_name` -> registry name
@@ -41,6 +44,14 @@ _register("heun", HEUN)
 _register("heun-karras", HEUN, use_karras_sigmas=True)
 _register("lms", LMS)
 _register("lms-karras", LMS, use_karras_sigmas=True)
+# "dpm++2m" is DPMSolverMultistepScheduler.from_config(config): the file's algorithm_type is honoured.
+_register("dpm++2m", DPM_SOLVER)
+_register("dpm++2m-karras", DPM_SOLVER, use_karras_sigmas=True, algorithm_type="dpmsolver++")
+_register("dpm++2m-sde", DPM_SOLVER, algorithm_type="sde-dpmsolver++")
+_register("dpm++2m-sde-karras", DPM_SOLVER, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")
+_register("unipc", UNIPC)
+_register("unipc-karras", UNIPC, use_karras_sigmas=True)
+_register("lcm", LCM)
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
 SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(_CLASS_TO_NAME)
