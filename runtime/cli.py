@@ -75,6 +75,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from sdrt.runtime import bench
+
+    width, height = args.size if args.size else (None, None)
+    settings = bench.BenchSettings(
+        provider=args.provider, steps=args.steps, width=width, height=height, batch=args.batch,
+        guidance=args.guidance, scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, seed=args.seed,
+        cold_start=not args.no_cold_start,
+    )
+    result = bench.run_bench(args.folder, settings, progress=not args.quiet)
+    markdown = bench.to_markdown(result)
+    print(markdown)
+    if args.out:
+        stem = bench.result_stem("bench", result["machine"], args.provider, result["model"])
+        chart = bench.bench_chart(result) if args.plot else None
+        for path in bench.write_results(result, args.out, stem, markdown, chart):
+            print(path, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,11 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="demo.png")
     d.add_argument("--model", default=None, help="an exported folder (default: the bundled demo model)")
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--guidance", type=float, default=5.0)
+    d.add_argument("--guidance", type=float, default=3.0, help="the demo model follows prompts best at 2-3")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scheduler", default=None)
     d.add_argument("--provider", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time each stage, cold start and memory of an exported folder")
+    b.add_argument("folder", help="an exported model folder")
+    b.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's size)")
+    b.add_argument("--batch", type=int, default=1, help="images per prompt")
+    b.add_argument("--guidance", type=float, default=7.5, help="guidance scale; <= 1 runs without CFG")
+    b.add_argument("--scheduler", default=None, help="override the folder's scheduler")
+    b.add_argument("--runs", type=int, default=3, help="measured runs (median, p10, p90)")
+    b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
+    b.add_argument("--out", default=None, help="folder for <date>-<machine> JSON + markdown (+ PNG)")
+    b.add_argument("--plot", action="store_true", help="also write a PNG chart (needs --out)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="describe an exported folder and verify its files")
     i.add_argument("folder")

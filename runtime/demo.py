@@ -33,7 +33,7 @@ def default_model() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "shapes-demo-onnx"
 
 
-def run_demo(output="demo.png", model=None, steps: int = 20, guidance_scale: float = 5.0, seed: int = 0,
+def run_demo(output="demo.png", model=None, steps: int = 20, guidance_scale: float = 3.0, seed: int = 0,
              scheduler: str | None = None, provider: str = "cpu", log=None) -> dict:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.pipeline import StableDiffusionPipeline
