@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,22 @@ LATER = {
     "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet) is not supported",
     "FluxPipeline": "Flux (a transformer, not a UNet) is not supported",
 }
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub checkpoint (where the network allows) into the local Hugging Face cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, gated model, ...
+        raise CheckpointError(
+            f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging Face hub "
+            f"({type(e).__name__}: {e}); download it where the network allows and pass the folder"
+        ) from e
 
 
 @dataclass
@@ -52,6 +69,8 @@ def _read_json(path: Path) -> dict:
 def open_checkpoint(src: str | Path) -> Checkpoint:
     """Check that `src` is a diffusers folder of a family we export."""
     path = Path(src)
+    if not path.exists() and HUB_ID.fullmatch(str(src)):
+        path = _download(str(src))
     if not path.exists():
         raise CheckpointError(f"source {path} does not exist; give a local diffusers pipeline folder")
     if not path.is_dir() or not (path / "model_index.json").is_file():

@@ -156,3 +156,11 @@ def test_info_hash_mismatch(folder_copy, capsys):
     f.write_bytes(bytes(data))
     assert main(["info", str(folder_copy)]) == 2
     assert "sha256" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="could not be downloaded from the Hugging Face hub"):
+        export_pipeline("sdrt-test/no-such-model", tmp_path / "out", log=quiet)
+    assert_nothing_written(tmp_path / "out")
