@@ -54,40 +54,6 @@ DIFFUSERS_SCHEDULERS = {
 
 # -- model preparation (torch side) ---------------------------------------------------------------
 
-def sd15_random_pipeline(seed: int = 0):
-    """SD1.5's architecture (configs as in runwayml/stable-diffusion-v1-5) with seeded random weights."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdrt.export.fixtures import SD15_SCHEDULER, clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
-    return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def prepare(args) -> tuple[Path, Path, str]:
     """(checkpoint, exported folder, label), building and exporting into the cache when asked."""
     if args.checkpoint:
@@ -98,13 +64,11 @@ def prepare(args) -> tuple[Path, Path, str]:
     ckpt, exported = args.cache / label / "checkpoint", args.cache / label / "onnx"
     if not (ckpt / "model_index.json").is_file():
         log(f"building {label} (random weights) in {ckpt}")
-        if args.sd15:
-            pipe = sd15_random_pipeline()
-            pipe.save_pretrained(ckpt, safe_serialization=True)
-            del pipe
-        else:
-            from sdrt.export.fixtures import save_tiny_pipeline
+        from sdrt.export.fixtures import save_sd15_pipeline, save_tiny_pipeline
 
+        if args.sd15:
+            save_sd15_pipeline(ckpt)  # SD1.5's architecture with seeded random weights
+        else:
             save_tiny_pipeline(ckpt, args.tiny)
     if not (exported / "sdrt.json").is_file():
         from sdrt.export.api import export_pipeline
