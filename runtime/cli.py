@@ -34,6 +34,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    try:
+        from sdrt.export.optimize import optimize_folder
+    except ImportError as e:
+        raise SdrtError(
+            f"sdrt optimize needs the export extra ({e.name} is not installed): pip install 'sdrt[export]'"
+        ) from e
+    optimize_folder(args.folder, args.output, profile=args.optimize, precision=args.precision, force=args.force)
+    return 0
+
+
 def cmd_info(args) -> int:
     from sdrt.runtime.info import describe, format_info
 
@@ -44,15 +55,37 @@ def cmd_info(args) -> int:
 
 def cmd_generate(args) -> int:
     from sdrt.runtime import image as imageio
-    from sdrt.runtime.pipeline import StableDiffusionPipeline
+    from sdrt.runtime.errors import InvalidInputError
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.folder, provider=args.provider, scheduler=args.scheduler)
-    width, height = args.size if args.size else (None, None)
-    result = pipe(
-        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, height=height, width=width, num_images_per_prompt=args.num_images,
-        seed=args.seed, rng=args.rng, output_type="pil", progress=not args.quiet,
+    common = dict(
+        negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng, output_type="pil",
+        progress=not args.quiet,
     )
+    if args.image is None:
+        if args.strength is not None:
+            raise InvalidInputError("--strength applies only with --image (img2img)")
+        from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.folder, provider=args.provider, scheduler=args.scheduler)
+        width, height = args.size if args.size else (None, None)
+        result = pipe(args.prompt, height=height, width=width, **common)
+    else:
+        if args.size is not None:
+            raise InvalidInputError("--size does not apply with --image: the output has the image's size")
+        from PIL import Image
+
+        from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
+
+        try:
+            with Image.open(args.image) as opened:
+                picture = opened.copy()
+        except OSError as e:
+            raise InvalidInputError(f"cannot read --image {args.image}: {e}") from e
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.folder, provider=args.provider,
+                                                              scheduler=args.scheduler)
+        strength = 0.8 if args.strength is None else args.strength
+        result = pipe(args.prompt, picture, strength=strength, **common)
     out = Path(args.output)
     paths = [out] if len(result.images) == 1 else [
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
@@ -107,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     e.set_defaults(func=cmd_export)
 
+    o = sub.add_parser("optimize", help="fuse (cpu or gpu profile) and optionally fp16-convert an exported folder")
+    o.add_argument("folder", help="a folder written by `sdrt export` (fp32, not yet optimized)")
+    o.add_argument("output", help="the folder to create")
+    o.add_argument("--optimize", choices=("cpu", "gpu"), default="cpu", help="fusion profile (default cpu)")
+    o.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="weights precision (default fp32)")
+    o.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    o.set_defaults(func=cmd_optimize)
+
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("folder", help="an exported model folder")
     g.add_argument("prompt")
@@ -118,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--image", default=None, help="img2img: start from this picture (RGB); the output has its size")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img: how far to move from --image, in (0, 1] (default 0.8); runs that share of --steps")
     g.add_argument("--rng", choices=("torch", "numpy"), default="torch",
                    help="noise stream: torch (same image as diffusers for a seed) or numpy")
     g.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")

@@ -1,14 +1,16 @@
 """Text-to-image with an exported Stable Diffusion folder: tokens -> embeddings -> denoise loop -> image.
 
-The pipeline owns the loop and every engine call, and reads top to bottom; the scheduler only
-supplies a precomputed plan and a pure step function, so nothing here branches on its type.
+`StableDiffusionBase` holds the engines and the stages every Stable Diffusion pipeline shares
+(prompt encoding, the denoise loop, decoding); `StableDiffusionPipeline` starts that loop from pure
+noise, `sdrt.runtime.img2img.StableDiffusionImg2ImgPipeline` from a noised picture. The pipeline
+owns the loop and every engine call, and reads top to bottom; the scheduler only supplies a
+precomputed plan and a pure step function, so nothing here branches on its type.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ from sdrt.runtime.errors import CancelledError, GenerationError, InvalidInputErr
 from sdrt.runtime.guidance import guide
 from sdrt.runtime.rng import make_generator
 from sdrt.runtime.schedulers import load_scheduler
+from sdrt.runtime.schedulers.plan import Plan
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "latent")
@@ -33,42 +36,64 @@ class PipelineOutput:
     timings: dict = field(default_factory=dict)  # seconds per stage
 
 
-class StableDiffusionPipeline:
-    """SD 1.x / 2.x text-to-image over ONNX engines."""
+class StableDiffusionBase:
+    """Engines and shared stages of the SD 1.x / 2.x pipelines; subclasses define __call__."""
 
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **engine_options):
         self.folder = folder
         self.provider = provider
         self.tokenizer = ClipTokenizer.from_folder(folder.path / "tokenizer")
-        self.text_encoder = create_engine(folder.onnx_path("text_encoder"), folder.spec("text_encoder"),
-                                          provider=provider, **engine_options)
-        self.unet = create_engine(folder.onnx_path("unet"), folder.spec("unet"), provider=provider, **engine_options)
-        self.vae_decoder = create_engine(folder.onnx_path("vae_decoder"), folder.spec("vae_decoder"),
-                                         provider=provider, **engine_options)
+        self.text_encoder = self._engine("text_encoder", **engine_options)
+        self.unet = self._engine("unet", **engine_options)
+        self.vae_decoder = self._engine("vae_decoder", **engine_options)
         self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
         self.scheduler_name = scheduler
 
     @classmethod
     def from_pretrained(cls, path, provider="cpu", scheduler: str | None = None, verify: str = "size",
-                        **engine_options) -> "StableDiffusionPipeline":
+                        **engine_options):
         return cls(ModelFolder.open(path, verify=verify), provider=provider, scheduler=scheduler, **engine_options)
 
+    def _engine(self, component: str, **engine_options):
+        return create_engine(self.folder.onnx_path(component), self.folder.spec(component), provider=self.provider,
+                             **engine_options)
+
+    def _engines(self) -> tuple:
+        return (self.text_encoder, self.unet, self.vae_decoder)
+
     def release(self) -> None:
-        for engine in (self.text_encoder, self.unet, self.vae_decoder):
+        for engine in self._engines():
             engine.release()
 
     # -- checks -------------------------------------------------------------------------------
 
-    def _check_size(self, height: int, width: int) -> None:
+    def _check_size(self, height: int, width: int, subject: str = "") -> None:
+        """height and width are multiples of what the UNet needs; `subject` prefixes the names ("image ")."""
         m = self.folder.pixel_multiple
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, (int, np.integer)) or v < m or v % m:
                 lower = max(m, (int(v) // m) * m) if isinstance(v, (int, np.integer)) else m
                 raise InvalidInputError(
-                    f"{name}={v} is not a multiple of {m} px, which this model's UNet needs "
+                    f"{subject}{name}={v} is not a multiple of {m} px, which this model's UNet needs "
                     f"({self.folder.latent_multiple} latent cells x {self.folder.vae.scale_factor} px); "
                     f"nearest valid sizes: {lower} or {lower + m}"
                 )
+
+    @staticmethod
+    def _check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
+                         output_type) -> None:
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise InvalidInputError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if guidance_scale < 0:
+            raise InvalidInputError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise InvalidInputError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if not 0.0 <= eta <= 1.0:
+            raise InvalidInputError(f"eta must be in [0, 1], got {eta}")
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise InvalidInputError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
     @staticmethod
     def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -89,65 +114,27 @@ class StableDiffusionPipeline:
                 )
         return list(prompt), negative
 
-    # -- the pipeline ---------------------------------------------------------------------------
+    # -- the shared stages ----------------------------------------------------------------------
 
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer(list(prompts))
         return self.text_encoder.run({"input_ids": ids})["last_hidden_state"]
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        seed: int | None = None,
-        generator=None,
-        rng: str = "torch",
-        output_type: str = "pil",
-        callback: Callable[[int, float, np.ndarray], Any] | None = None,
-        progress: bool = False,
-    ) -> PipelineOutput:
-        height = self.folder.default_size if height is None else height
-        width = self.folder.default_size if width is None else width
-        self._check_size(height, width)
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if guidance_scale < 0:
-            raise InvalidInputError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise InvalidInputError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-        if not 0.0 <= eta <= 1.0:
-            raise InvalidInputError(f"eta must be in [0, 1], got {eta}")
-        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
-            raise InvalidInputError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        prompts, negatives = self._prompts(prompt, negative_prompt)
-        generator = generator if generator is not None else make_generator(seed, rng)
-        do_cfg = guidance_scale > 1.0
-        timings: dict[str, float] = {}
-
-        # 1. Text embeddings: negatives and prompts in one text-encoder batch, each repeated per image.
+    def _embeddings(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int, do_cfg: bool,
+                    timings: dict) -> np.ndarray:
+        """Negatives and prompts in one text-encoder batch (negatives only with guidance), each repeated per image."""
         t0 = time.perf_counter()
         embeds = self.encode_prompt(negatives + prompts if do_cfg else prompts)
         embeds = np.repeat(embeds, num_images_per_prompt, axis=0)
         timings["text_encoder"] = time.perf_counter() - t0
+        return embeds
 
-        # 2. Initial noise, scaled to the scheduler's first noise level.
-        plan = self.scheduler.plan(num_inference_steps, eta=eta)
-        batch = len(prompts) * num_images_per_prompt
-        vae = self.folder.vae
-        shape = (batch, vae.latent_channels, height // vae.scale_factor, width // vae.scale_factor)
-        latents = generator.randn(shape).astype(np.float32) * np.float32(plan.init_noise_sigma)
+    def _denoise(self, plan: Plan, latents: np.ndarray, embeds: np.ndarray, guidance_scale: float,
+                 guidance_rescale: float, generator, callback, progress: bool, timings: dict) -> np.ndarray:
+        """Run every evaluation of `plan` from `latents`: one batched UNet call (2N with guidance), one solver step."""
+        do_cfg = guidance_scale > 1.0
+        batch = len(latents)
         state = self.scheduler.initial_state(plan)
-
-        # 3. Denoise: one batched UNet call per evaluation (2N with guidance), then one solver step.
         timestep_dtype = self.unet.input_dtypes["timestep"]
         unet_batch = 2 * batch if do_cfg else batch
         unet_seconds = 0.0
@@ -182,15 +169,18 @@ class StableDiffusionPipeline:
         timings["unet"] = unet_seconds
         timings["scheduler_and_guidance"] = time.perf_counter() - t_loop - unet_seconds
         timings["steps"] = plan.num_evaluations
+        return latents
 
-        # 4. Decode latents to pixels, one image at a time (same result, less memory).
+    def _decode(self, latents: np.ndarray, output_type: str, timings: dict):
+        """Latents -> images of output_type, one VAE decode per image (same result, less memory)."""
         t0 = time.perf_counter()
         if output_type == "latent":
             images = latents
         else:
+            vae = self.folder.vae
             scaled = latents / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor)
             decoded = np.concatenate([
-                self.vae_decoder.run({"latent_sample": scaled[k:k + 1]})["sample"] for k in range(batch)
+                self.vae_decoder.run({"latent_sample": scaled[k:k + 1]})["sample"] for k in range(len(latents))
             ])
             if not np.isfinite(decoded).all():
                 raise GenerationError("the VAE decoder returned NaN/Inf; the image would be black")
@@ -201,14 +191,65 @@ class StableDiffusionPipeline:
                 if output_type == "pil":
                     images = imageio.to_pil(images)
         timings["vae_decoder"] = time.perf_counter() - t0
+        return images
 
-        parameters = [
-            imageio.format_parameters(
-                prompt=p, negative_prompt=n, steps=num_inference_steps,
-                scheduler=self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?"),
-                guidance_scale=guidance_scale, seed=getattr(generator, "seed", None), width=width,
-                height=height, model=self.folder.path.name,
-            )
+    def _parameters(self, prompts: list[str], negatives: list[str], num_images_per_prompt: int, generator,
+                    **fields) -> list[str]:
+        """A1111-style parameters text per image; `fields` are format_parameters' other arguments."""
+        scheduler = self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?")
+        return [
+            imageio.format_parameters(prompt=p, negative_prompt=n, scheduler=scheduler,
+                                      seed=getattr(generator, "seed", None), model=self.folder.path.name, **fields)
             for p, n in zip(prompts, negatives) for _ in range(num_images_per_prompt)
         ]
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """SD 1.x / 2.x text-to-image over ONNX engines."""
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator=None,
+        rng: str = "torch",
+        output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        height = self.folder.default_size if height is None else height
+        width = self.folder.default_size if width is None else width
+        self._check_size(height, width)
+        self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
+                              output_type)
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        generator = generator if generator is not None else make_generator(seed, rng)
+        timings: dict[str, float] = {}
+
+        # 1. Text embeddings.
+        embeds = self._embeddings(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, timings)
+
+        # 2. Initial noise, scaled to the scheduler's first noise level.
+        plan = self.scheduler.plan(num_inference_steps, eta=eta)
+        vae = self.folder.vae
+        shape = (len(prompts) * num_images_per_prompt, vae.latent_channels,
+                 height // vae.scale_factor, width // vae.scale_factor)
+        latents = generator.randn(shape).astype(np.float32) * np.float32(plan.init_noise_sigma)
+
+        # 3. Denoise, 4. decode.
+        latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,
+                                progress, timings)
+        images = self._decode(latents, output_type, timings)
+
+        parameters = self._parameters(prompts, negatives, num_images_per_prompt, generator,
+                                      steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
+                                      height=height)
         return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)

@@ -1,0 +1,131 @@
+"""Image-to-image with an exported Stable Diffusion folder: picture -> VAE latents -> noised -> denoise loop -> image.
+
+As diffusers' StableDiffusionImg2ImgPipeline, with the same random draws in the same order: the VAE
+encoder's latent distribution is sampled first (randn of the encoded images' shape), then the
+noise that `add_noise` mixes in at the first timestep of the plan, truncated by `strength`; the
+loop and the decoding are txt2img's (`StableDiffusionBase`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sdrt.runtime import image as imageio
+from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.errors import GenerationError, InvalidInputError, ModelFolderError
+from sdrt.runtime.pipeline import PipelineOutput, StableDiffusionBase
+from sdrt.runtime.rng import make_generator
+
+# DiagonalGaussianDistribution clamps the log-variance to this range.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """SD 1.x / 2.x image-to-image over ONNX engines (needs the folder's vae_encoder)."""
+
+    def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **engine_options):
+        if "vae_encoder" not in folder.components:
+            raise ModelFolderError(
+                f"{folder.path} lacks vae_encoder/model.onnx, which img2img needs; re-export the checkpoint "
+                "with sdrt export (its default components include vae_encoder)"
+            )
+        super().__init__(folder, provider=provider, scheduler=scheduler, **engine_options)
+        self.vae_encoder = self._engine("vae_encoder", **engine_options)
+
+    def _engines(self) -> tuple:
+        return (*super()._engines(), self.vae_encoder)
+
+    def encode_image(self, pixels: np.ndarray, generator) -> np.ndarray:
+        """NCHW pixels in [-1, 1] -> scaled latents, one sample of the VAE's diagonal Gaussian per image.
+
+        diffusers' `scaling_factor * vae.encode(x).latent_dist.sample(generator)`: one randn of the
+        latents' shape, drawn after every image is encoded. Images are encoded one at a time.
+        """
+        parameters = np.concatenate([
+            self.vae_encoder.run({"sample": pixels[k:k + 1]})["latent_parameters"] for k in range(len(pixels))
+        ])
+        if not np.isfinite(parameters).all():
+            raise GenerationError("the VAE encoder returned NaN/Inf for this image")
+        mean, logvar = np.split(parameters, 2, axis=1)
+        std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+        sample = mean + std * generator.randn(mean.shape).astype(np.float32)
+        vae = self.folder.vae
+        return (sample - np.float32(vae.shift_factor)) * np.float32(vae.scaling_factor)
+
+    @staticmethod
+    def _check_image_count(num_images: int, num_prompts: int, num_images_per_prompt: int) -> None:
+        """Images are tiled over the batch as diffusers does (outputs j takes image j % count); allow only
+        the counts where that pairs every image with its prompt."""
+        batch = num_prompts * num_images_per_prompt
+        if num_images in (1, batch) or (num_prompts == 1 and batch % num_images == 0):
+            return
+        raise InvalidInputError(
+            f"got {num_images} images for {num_prompts} prompts x {num_images_per_prompt} images per prompt; "
+            f"pass one image for all, or one image per output ({batch}), or, with a single prompt, a number of "
+            "images that divides num_images_per_prompt"
+        )
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        image,
+        strength: float = 0.8,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator=None,
+        rng: str = "torch",
+        output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        """image: a PIL RGB image, an HWC uint8 RGB array, or a list of them (see image.from_pil); the
+        output has its size, rounded down to a multiple of the VAE's factor as diffusers does.
+        strength: in (0, 1]; the share of the steps that are run, from noise that much over the image
+        (1 ignores the image's content). Runs int(num_inference_steps * strength) steps.
+        guidance_rescale: as txt2img; diffusers' StableDiffusionImg2ImgPipeline has no such option
+        (it ignores the argument), so only 0 is compared with it."""
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+            raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+        self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
+                              output_type)
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        vae = self.folder.vae
+        pixels = imageio.from_pil(image, vae_scale_factor=vae.scale_factor)
+        height, width = pixels.shape[2:]
+        self._check_size(height, width, subject="image ")
+        self._check_image_count(len(pixels), len(prompts), num_images_per_prompt)
+        plan = self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta)
+        generator = generator if generator is not None else make_generator(seed, rng)
+        timings: dict[str, float] = {}
+
+        # 1. Text embeddings.
+        embeds = self._embeddings(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, timings)
+
+        # 2. Image latents (first random draw), tiled over the batch, noised to the plan's first timestep
+        #    (second draw), as diffusers' prepare_latents.
+        t0 = time.perf_counter()
+        latents = self.encode_image(pixels, generator)
+        timings["vae_encoder"] = time.perf_counter() - t0
+        batch = len(prompts) * num_images_per_prompt
+        latents = np.tile(latents, (batch // len(latents), 1, 1, 1))
+        noise = generator.randn(latents.shape).astype(np.float32)
+        latents = self.scheduler.add_noise(plan, latents, noise, 0)
+
+        # 3. Denoise, 4. decode: as txt2img.
+        latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,
+                                progress, timings)
+        images = self._decode(latents, output_type, timings)
+
+        parameters = self._parameters(prompts, negatives, num_images_per_prompt, generator,
+                                      steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
+                                      height=height, denoising_strength=strength)
+        return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)
