@@ -15,12 +15,11 @@ from sdrt.runtime.schedulers.parameterization import alpha_epsilon, alpha_x0
 from sdrt.runtime.schedulers.plan import (
     Plan,
     Solver,
-    alpha_noise_coefficients,
+    alpha_plan,
     draw_noise,
     frozen,
     frozen_table,
     training_alphas_cumprod,
-    truncate,
 )
 
 F32 = np.float32
@@ -63,17 +62,7 @@ def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, sta
         eta=float(eta),
         clip_sample_range=float(config.clip_sample_range) if config.clip_sample else None,
     )
-    plan = Plan(
-        solver=config.class_name,
-        num_inference_steps=n,
-        timesteps=frozen(timesteps),
-        init_noise_sigma=1.0,
-        input_divisors=frozen(np.ones(len(timesteps), F32)),
-        noise_coefficients=frozen(alpha_noise_coefficients(alphas_cumprod, timesteps)),
-        prediction_type=config.prediction_type,
-        coefficients=coefficients,
-    )
-    return truncate(plan, start)
+    return alpha_plan(config, n, timesteps, alphas_cumprod, coefficients, start)
 
 
 def step(plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: None, rng) -> tuple[np.ndarray, None]:

@@ -85,6 +85,22 @@ def alpha_noise_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) 
     return np.stack([np.sqrt(ac), np.sqrt(F32(1.0) - ac)], axis=1)
 
 
+def alpha_plan(config: SchedulerConfig, n: int, timesteps: np.ndarray, alphas_cumprod: np.ndarray,
+               coefficients: Any, start: int) -> Plan:
+    """The plan of a solver working on alphas_cumprod (DDIM, DDPM, LCM): unscaled UNet input, unit initial noise."""
+    plan = Plan(
+        solver=config.class_name,
+        num_inference_steps=n,
+        timesteps=frozen(timesteps),
+        init_noise_sigma=1.0,
+        input_divisors=frozen(np.ones(len(timesteps), np.float32)),
+        noise_coefficients=frozen(alpha_noise_coefficients(alphas_cumprod, timesteps)),
+        prediction_type=config.prediction_type,
+        coefficients=coefficients,
+    )
+    return truncate(plan, start)
+
+
 def sigma_noise_coefficients(sigmas: np.ndarray) -> np.ndarray:
     """add_noise coefficients (1, sigma) per evaluation for sigma-view solvers: x = x0 + sigma * noise."""
     sigmas = np.asarray(sigmas, dtype=F32)
