@@ -14,16 +14,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.runtime.cli import main
+from reference import load_pipes, reference
+
+IMG2IMG_SCHEDULERS = ("ddim", "euler-a", "dpm++2m-karras")
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError
 from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
 from sdrt.runtime.pipeline import StableDiffusionPipeline
 
-# sdrt scheduler name -> (diffusers class, config overrides), as in test_pipeline.py.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-}
 PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k!"]
 STEPS = 8  # strength 0.3 runs 2 steps, 0.75 runs 6, 1.0 all 8
 
@@ -42,22 +39,7 @@ def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def reference_pipes(checkpoints):
-    pipes = {}
-    for name, path in checkpoints.items():
-        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
-        pipes[name] = (pipe, pipe.scheduler)  # keep the checkpoint's own scheduler to rebuild from
-    return pipes
-
-
-def reference(pipe_and_scheduler, scheduler: str | None, seed: int, **kwargs) -> np.ndarray:
-    pipe, original = pipe_and_scheduler
-    pipe.scheduler = original
-    if scheduler is not None:
-        cls_name, overrides = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(generator=generator, output_type="np", **kwargs).images
+    return load_pipes(diffusers.StableDiffusionImg2ImgPipeline, checkpoints)
 
 
 def ours(exported, scheduler: str | None, seed: int, **kwargs) -> np.ndarray:
@@ -70,7 +52,7 @@ GRID = [
     (flavour, scheduler, strength, dict(prompt=PROMPTS[k % 2], guidance_scale=(7.5, 1.0, 0.0)[k % 3],
                                         num_images_per_prompt=1 + k % 2))
     for k, (flavour, scheduler, strength) in enumerate(
-        (f, s, st) for f in ("sd1", "sd2") for s in DIFFUSERS_SCHEDULERS for st in (0.3, 0.75, 1.0)
+        (f, s, st) for f in ("sd1", "sd2") for s in IMG2IMG_SCHEDULERS for st in (0.3, 0.75, 1.0)
     )
 ]
 CASES = [

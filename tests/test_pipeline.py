@@ -9,44 +9,22 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from reference import DIFFUSERS_SCHEDULERS, load_pipes, reference
 from sdrt.runtime.errors import CancelledError, GenerationError, InvalidInputError
 from sdrt.runtime.pipeline import StableDiffusionPipeline
 
-# sdrt scheduler name -> (diffusers class, config overrides), as `Class.from_config(config, **overrides)`.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k!"]
 STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def reference_pipes(checkpoints):
-    pipes = {}
-    for name, path in checkpoints.items():
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
-        pipes[name] = (pipe, pipe.scheduler)  # keep the checkpoint's own scheduler to rebuild from
-    return pipes
+    return load_pipes(diffusers.StableDiffusionPipeline, checkpoints)
 
 
 @pytest.fixture(scope="module")
 def sdrt_pipes(exported):
     return {name: StableDiffusionPipeline.from_pretrained(path) for name, path in exported.items()}
-
-
-def reference(pipe_and_scheduler, scheduler: str | None, seed: int, **kwargs) -> np.ndarray:
-    pipe, original = pipe_and_scheduler
-    pipe.scheduler = original
-    if scheduler is not None:
-        cls_name, overrides = DIFFUSERS_SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return pipe(generator=generator, output_type="np", **kwargs).images
 
 
 def ours(exported, scheduler: str | None, seed: int, **kwargs) -> np.ndarray:
