@@ -116,7 +116,7 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
             dims = validation_dims(spec, unet_config, factor)
             t0 = time.perf_counter()
             log(f"[{i}/{len(selected)}] {name}: loading {SOURCE_FOLDER[name]}/")
-            module = wrap(name, load_module(ckpt, SOURCE_FOLDER[name]))
+            module = wrap(name, load_module(ckpt, SOURCE_FOLDER[name]), spec)
             log(f"[{i}/{len(selected)}] {name}: exporting to ONNX (opset {opset})")
             path = tmp / name / "model.onnx"
             export_onnx(module, spec, sample_inputs(spec, dims[0], vocab_size=vocab_size), path, opset)

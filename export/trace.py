@@ -34,6 +34,39 @@ class UNetWrapper(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class UNetTimeCondWrapper(UNetWrapper):
+    """LCM-distilled UNets: a guidance-scale embedding (`timestep_cond`) joins the time embedding."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class UNetAddedCondWrapper(UNetWrapper):
+    """SDXL UNets: pooled text embeddings and size/crop micro-conditioning (`time_ids`)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class UNetAddedTimeCondWrapper(UNetWrapper):
+    """LCM-distilled SDXL UNets: both of the above."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs=added, return_dict=False)[0]
+
+
+# The UNet wrapper for each set of inputs beyond (sample, timestep, encoder_hidden_states), in spec order.
+UNET_WRAPPERS = {
+    (): UNetWrapper,
+    ("timestep_cond",): UNetTimeCondWrapper,
+    ("text_embeds", "time_ids"): UNetAddedCondWrapper,
+    ("text_embeds", "time_ids", "timestep_cond"): UNetAddedTimeCondWrapper,
+}
+
+
 class VaeDecoderWrapper(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -54,10 +87,13 @@ class VaeEncoderWrapper(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def wrap(component: str, module) -> torch.nn.Module:
+def wrap(component: str, module, spec: NetworkSpec | None = None) -> torch.nn.Module:
+    """The torch module whose positional inputs are the spec's inputs, in order."""
+    if component == "unet":
+        extra = tuple(spec.input_names[3:]) if spec is not None else ()
+        return UNET_WRAPPERS[extra](module).eval()
     wrappers = {
         "text_encoder": TextEncoderWrapper,
-        "unet": UNetWrapper,
         "vae_decoder": VaeDecoderWrapper,
         "vae_encoder": VaeEncoderWrapper,
     }

@@ -130,8 +130,14 @@ class StableDiffusionBase:
         return embeds
 
     def _denoise(self, plan: Plan, latents: np.ndarray, embeds: np.ndarray, guidance_scale: float,
-                 guidance_rescale: float, generator, callback, progress: bool, timings: dict) -> np.ndarray:
-        """Run every evaluation of `plan` from `latents`: one batched UNet call (2N with guidance), one solver step."""
+                 guidance_rescale: float, generator, callback, progress: bool, timings: dict,
+                 unet_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Run every evaluation of `plan` from `latents`: one batched UNet call (2N with guidance), one solver step.
+
+        `unet_inputs`: the UNet's inputs beyond sample/timestep/encoder_hidden_states (SDXL's
+        text_embeds and time_ids, LCM's timestep_cond), constant over the steps and batched as
+        `embeds` is (negatives first with guidance).
+        """
         do_cfg = guidance_scale > 1.0
         batch = len(latents)
         state = self.scheduler.initial_state(plan)
@@ -154,6 +160,7 @@ class StableDiffusionBase:
                 "sample": model_input,
                 "timestep": np.full((unet_batch,), t, dtype=timestep_dtype),
                 "encoder_hidden_states": embeds,
+                **(unet_inputs or {}),
             })["out_sample"]
             unet_seconds += time.perf_counter() - t_unet
             if not np.isfinite(noise_pred).all():
