@@ -88,14 +88,14 @@ def main() -> int:
 
     date = datetime.date.today().isoformat()
     result = {"what": "shapes-demo prompt adherence, sdrt vs diffusers", "date": date, "n": args.n,
-              "steps": args.steps, "scheduler": "PNDM (the model's own)", "prompt_seed": 2024,
+              "steps": args.steps, "scheduler": "DPM++ 2M (the model's own)", "prompt_seed": 2024,
               "generator_seeds": f"{seeds[0]}..{seeds[-1]}", "rows": rows}
     out = Path(args.out)
     (out / f"shapes-demo-adherence-{date}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# shapes-demo: prompt adherence, sdrt vs diffusers ({date})", "",
              f"{args.n} prompts from `bench.shapes.prompts(seed=2024, n={args.n})`, one seed each "
              f"({seeds[0]}..{seeds[-1]}; sdrt's torch-compatible stream, diffusers' torch.Generator), "
-             f"the model's PNDM scheduler, {args.steps} steps, 32x32, fp32 on CPU. Scored by `bench.adherence`.", "",
+             f"the model's DPM++ 2M scheduler, {args.steps} steps, 32x32, fp32 on CPU. Scored by `bench.adherence`.", "",
              "| guidance | runtime | colour | background | shape | position | all | colour+background+shape |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,6 +12,7 @@ import numpy as np
 
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
+from sdrt.engines.iobinding import BoundRunner
 from sdrt.engines.spec import NetworkSpec
 
 _ONNX_DTYPES = {
@@ -78,11 +80,52 @@ def resolve_providers(provider: str | Sequence[Any]) -> list[Any]:
     return resolved
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# The provider option that turns on CUDA graph capture, per provider.
+CUDA_GRAPH_OPTION = {"CUDAExecutionProvider": "enable_cuda_graph", "TensorrtExecutionProvider": "trt_cuda_graph_enable"}
+
+
+def _name(entry) -> str:
+    return entry if isinstance(entry, str) else entry[0]
+
+
+def with_cuda_graph(providers: list) -> list:
+    """`providers` with CUDA graph capture turned on for its CUDA / TensorRT entries."""
+    if not any(_name(p) in CUDA_GRAPH_OPTION for p in providers):
+        raise EngineError("cuda_graph needs the CUDA or TensorRT execution provider "
+                          f"(providers here: {[_name(p) for p in providers]})")
+    out = []
+    for p in providers:
+        if _name(p) in CUDA_GRAPH_OPTION:
+            options = {} if isinstance(p, str) else dict(p[1])
+            p = (_name(p), {**options, CUDA_GRAPH_OPTION[_name(p)]: "1"})
+        out.append(p)
+    return out
+
+
+def binding_device(providers: list) -> tuple[str, int]:
+    """Where IO binding puts tensors: the first provider's device ("cuda" for CUDA/TensorRT, else "cpu")."""
+    first = providers[0]
+    if _name(first) in GPU_PROVIDERS:
+        options = {} if isinstance(first, str) else first[1]
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
 class OrtEngine(Engine):
-    """A network in an ONNX file, run by onnxruntime."""
+    """A network in an ONNX file, run by onnxruntime.
+
+    io_binding: bind inputs and outputs as OrtValues on the provider's device and reuse output
+      buffers across calls (`run` still returns arrays the caller owns; `run_ortvalues` keeps
+      inputs and outputs on the device between calls).
+    fixed_shapes: also copy inputs into persistent buffers, so every call uses the same addresses;
+      the first feed's shapes are the fixed ones, and other shapes run in a second, plain session.
+    cuda_graph: fixed_shapes plus onnxruntime's CUDA graph capture (CUDA / TensorRT providers only).
+    """
 
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec | None = None,
-                 provider: str | Sequence[Any] = "cpu", options: SessionOptions | None = None):
+                 provider: str | Sequence[Any] = "cpu", options: SessionOptions | None = None, *,
+                 io_binding: bool = False, fixed_shapes: bool = False, cuda_graph: bool = False):
         self.path = Path(path)
         self.spec = spec
         self.providers = resolve_providers(provider)
@@ -90,6 +133,16 @@ class OrtEngine(Engine):
         self._session = None
         if not self.path.is_file():
             raise EngineError(f"no ONNX file at {self.path}")
+        self.cuda_graph = cuda_graph
+        self.fixed_shapes = fixed_shapes or cuda_graph
+        self.io_binding = io_binding or self.fixed_shapes
+        self._plain_providers = self.providers
+        if cuda_graph:
+            if spec is None:
+                raise EngineError(f"{self.path}: cuda_graph needs the network's spec, to bind fixed output buffers")
+            self.providers = with_cuda_graph(self.providers)
+        self._runner: BoundRunner | None = None
+        self._other_shapes: OrtEngine | None = None  # runs shapes other than the fixed ones
 
     @property
     def loaded(self) -> bool:
@@ -135,13 +188,59 @@ class OrtEngine(Engine):
     def output_names(self) -> list[str]:
         return [o.name for o in self._loaded_session.get_outputs()]
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self._loaded_session
-        dtypes = self.input_dtypes
+    def _inputs(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        """The feed checked for completeness, arrays cast to the network's dtypes (OrtValues as given)."""
+        ort, dtypes = _import_onnxruntime(), self.input_dtypes
         missing = [n for n in dtypes if n not in feed]
         if missing:
             raise EngineError(f"{self.path}: feed lacks inputs {missing}")
-        inputs = {n: np.ascontiguousarray(feed[n], dtype=dtypes[n]) for n in dtypes}
+        return {n: feed[n] if isinstance(feed[n], ort.OrtValue) else np.ascontiguousarray(feed[n], dtype=dtypes[n])
+                for n in dtypes}
+
+    def _bound(self) -> BoundRunner:
+        if self._runner is None:
+            device, device_id = binding_device(self.providers)
+            session = self._loaded_session
+            dtypes = {o.name: np.dtype(_ONNX_DTYPES.get(o.type, np.float32)) for o in session.get_outputs()}
+            self._runner = BoundRunner(_import_onnxruntime(), session, device, dtypes, self.spec,
+                                       fixed=self.fixed_shapes, device_id=device_id)
+        return self._runner
+
+    def _for_other_shapes(self, shapes: dict) -> "OrtEngine":
+        if self._other_shapes is None:
+            warnings.warn(f"{self.path}: shapes {shapes} differ from the fixed ones {self._runner.fixed_shapes}; "
+                          "running them in a second session without fixed buffers or CUDA graph",
+                          RuntimeWarning, stacklevel=3)
+            self._other_shapes = OrtEngine(self.path, self.spec, self._plain_providers, self.options, io_binding=True)
+        return self._other_shapes
+
+    def run_ortvalues(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        """Run with IO binding; inputs may be OrtValues already on the device (see `to_device`).
+
+        Returns the output OrtValues, left on the device. They belong to the engine: the next call
+        reuses them, so copy (or feed them on) before calling again.
+        """
+        if not self.io_binding:
+            raise EngineError("run_ortvalues needs an engine made with io_binding=True")
+        inputs = self._inputs(feed)
+        runner = self._bound()
+        shapes = {n: tuple(v.shape()) if not isinstance(v, np.ndarray) else v.shape for n, v in inputs.items()}
+        if not runner.accepts(shapes):
+            return self._for_other_shapes(shapes).run_ortvalues(inputs)
+        try:
+            return runner.run(inputs)
+        except Exception as e:
+            raise EngineError(f"onnxruntime failed to run {self.path} (IO binding) on shapes {shapes}: {e}") from e
+
+    def to_device(self, array: np.ndarray):
+        """An OrtValue on this engine's device holding a copy of `array` (e.g. text embeddings kept across steps)."""
+        return self._bound().ortvalue(array)
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.io_binding:
+            return {n: BoundRunner.to_host(v) for n, v in self.run_ortvalues(feed).items()}
+        session = self._loaded_session
+        inputs = self._inputs(feed)
         try:
             outputs = session.run(None, inputs)
         except Exception as e:
@@ -150,4 +249,6 @@ class OrtEngine(Engine):
         return dict(zip(self.output_names, outputs))
 
     def release(self) -> None:
-        self._session = None
+        if self._other_shapes is not None:
+            self._other_shapes.release()
+        self._session = self._runner = self._other_shapes = None

@@ -125,9 +125,11 @@ def unet_spec(in_channels: int, out_channels: int, cross_attention_dim: int, *,
     return NetworkSpec("unet", tuple(inputs), outputs, vae_scale_factor)
 
 
-def vae_decoder_spec(latent_channels: int, out_channels: int, *, vae_scale_factor: int = 8) -> NetworkSpec:
+def vae_decoder_spec(latent_channels: int, out_channels: int, *, vae_scale_factor: int = 8,
+                     name: str = "vae_decoder") -> NetworkSpec:
+    """Latents (unscaled, as the VAE takes them) -> pixels in [-1, 1]; also the tiny VAE's decoder."""
     return NetworkSpec(
-        "vae_decoder",
+        name,
         (TensorSpec("latent_sample", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
         (TensorSpec("sample", "float32", (BATCH, out_channels, HEIGHT, WIDTH)),),
         vae_scale_factor,
@@ -145,6 +147,16 @@ def vae_encoder_spec(in_channels: int, latent_channels: int, *, vae_scale_factor
     )
 
 
+def vae_tiny_encoder_spec(in_channels: int, latent_channels: int, *, vae_scale_factor: int = 8) -> NetworkSpec:
+    """diffusers' AutoencoderTiny encoder (TAESD): pixels in [-1, 1] -> latents, no distribution."""
+    return NetworkSpec(
+        "vae_tiny_encoder",
+        (TensorSpec("sample", "float32", (BATCH, in_channels, HEIGHT, WIDTH)),),
+        (TensorSpec("latents", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        vae_scale_factor,
+    )
+
+
 def vae_scale_factor(vae_config: Mapping) -> int:
     """2^(number of down blocks - 1), as diffusers computes it."""
     return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
@@ -155,11 +167,16 @@ def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = No
     factor = vae_scale_factor(vae_config) if vae_config is not None else 8
     if component in ("text_encoder", "text_encoder_2"):
         projection = config.get("projection_dim") if component == "text_encoder_2" else None
-        return text_encoder_spec(component, config["hidden_size"], projection_dim=projection)
+        # As optimum marks SDXL's encoders: every layer's hidden states are outputs (clip skip reads them).
+        layers = config["num_hidden_layers"] if config.get("output_hidden_states") else None
+        return text_encoder_spec(component, config["hidden_size"], projection_dim=projection, num_hidden_layers=layers)
     if component == "unet":
-        addition = None
+        addition, time_ids = None, 6
         if config.get("addition_embed_type") == "text_time":
-            addition = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            # SDXL: 6 time ids (5 with an aesthetic score); exported configs name the pooled width as optimum does.
+            added, per_id = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+            addition = config.get("text_encoder_projection_dim") or added - 6 * per_id
+            time_ids = (added - addition) // per_id
         return unet_spec(
             config["in_channels"],
             config["out_channels"],
@@ -167,11 +184,18 @@ def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = No
             vae_scale_factor=factor,
             time_cond_proj_dim=config.get("time_cond_proj_dim"),
             addition_embed_dim=addition,
+            time_ids_dim=time_ids,
         )
     if component == "vae_decoder":
         return vae_decoder_spec(config["latent_channels"], config["out_channels"], vae_scale_factor=factor)
     if component == "vae_encoder":
         return vae_encoder_spec(config["in_channels"], config["latent_channels"], vae_scale_factor=factor)
+    if component == "vae_tiny_decoder":
+        return vae_decoder_spec(config["latent_channels"], config["out_channels"],
+                                vae_scale_factor=vae_scale_factor(config), name=component)
+    if component == "vae_tiny_encoder":
+        return vae_tiny_encoder_spec(config["in_channels"], config["latent_channels"],
+                                     vae_scale_factor=vae_scale_factor(config))
     raise KeyError(f"no network spec for component {component!r}")
 
 

@@ -18,8 +18,9 @@ from sdrt.export.checkpoint import load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-SOURCE_FOLDER = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+                 "vae_decoder": "vae", "vae_encoder": "vae"}
 MIN_OPSET = 18  # torch's dynamo exporter writes an invalid UNet at opset 17
 FORMAT_VERSION = 1
 
@@ -62,6 +63,20 @@ def _check_opset(opset: int) -> None:
         )
 
 
+def exported_config(name: str, ckpt) -> dict:
+    """The component's config.json as exported: SDXL's are marked as optimum marks them (text encoders
+    give every layer's hidden states; the UNet names the pooled width and whether it takes an aesthetic score)."""
+    config = ckpt.config(SOURCE_FOLDER[name])
+    if ckpt.family != "stable-diffusion-xl":
+        return config
+    if name.startswith("text_encoder"):
+        return dict(config, output_hidden_states=True)
+    if name == "unet":
+        return dict(config, text_encoder_projection_dim=ckpt.config("text_encoder_2")["projection_dim"],
+                    requires_aesthetics_score=bool(ckpt.index.get("requires_aesthetics_score", False)))
+    return config
+
+
 def validation_dims(spec, unet_config: dict, factor: int) -> list[dict]:
     """The export shape and a second one it never saw (batch 1, non-square, shorter text)."""
     if spec.name.startswith("text_encoder"):
@@ -88,15 +103,19 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
     out = Path(out)
     _check_opset(opset)
     ckpt = open_checkpoint(src)
-    selected = list(components) if components else list(COMPONENTS)
+    available = [c for c in COMPONENTS if (ckpt.path / SOURCE_FOLDER[c]).is_dir()]
+    selected = list(components) if components else available
     unknown = [c for c in selected if c not in COMPONENTS]
     if unknown:
         raise ExportError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
-    if "unet" not in selected or "vae_decoder" not in selected or "text_encoder" not in selected:
-        log("note: a folder without text_encoder, unet and vae_decoder cannot generate images")
+    absent = [c for c in selected if c not in available]
+    if absent:
+        raise ExportError(f"the checkpoint has no {', '.join(absent)} ({ckpt.path} has {', '.join(available)})")
+    needed = [c for c in available if c not in ("vae_encoder",)]
+    if any(c not in selected for c in needed):
+        log(f"note: a folder without {', '.join(needed)} cannot generate images")
     unet_config, vae_config = ckpt.config("unet"), ckpt.config("vae")
     factor = vae_scale_factor(vae_config)
-    vocab_size = ckpt.config("text_encoder").get("vocab_size", 49408)
 
     manifest = {
         "format": "sdrt-onnx", "format_version": FORMAT_VERSION,
@@ -109,10 +128,13 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
         shutil.copy2(ckpt.path / "model_index.json", tmp / "model_index.json")
         (tmp / "scheduler").mkdir()
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
-        copy_tokenizer(ckpt.path / "tokenizer", tmp / "tokenizer")
+        for tokenizer in ("tokenizer", "tokenizer_2"):
+            if (ckpt.path / tokenizer).is_dir():
+                copy_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)
         for i, name in enumerate(selected, 1):
-            config = ckpt.config(SOURCE_FOLDER[name])
+            config = exported_config(name, ckpt)
             spec = spec_for(name, config, vae_config=vae_config)
+            vocab_size = config.get("vocab_size", 49408)
             dims = validation_dims(spec, unet_config, factor)
             t0 = time.perf_counter()
             log(f"[{i}/{len(selected)}] {name}: loading {SOURCE_FOLDER[name]}/")

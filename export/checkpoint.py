@@ -14,12 +14,15 @@ from sdrt.export.errors import CheckpointError, UnsupportedModelError
 # Buffers that older checkpoints store and newer library versions recompute; not weights.
 BENIGN_KEYS = ("text_model.embeddings.position_ids",)
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "stable-diffusion"}
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "stable-diffusion",
+    "StableDiffusionInpaintPipeline": "stable-diffusion",
+    "LatentConsistencyModelPipeline": "latent-consistency",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
+}
+SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL checkpoint has beyond SD's folders
 LATER = {
-    "StableDiffusionXLPipeline": "SDXL export lands in a later version of sdrt",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL export lands in a later version of sdrt",
-    "LatentConsistencyModelPipeline": "LCM export lands in a later version of sdrt",
-    "StableDiffusionInpaintPipeline": "inpainting export lands in a later version of sdrt",
     "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet) is not supported",
     "FluxPipeline": "Flux (a transformer, not a UNet) is not supported",
 }
@@ -86,22 +89,31 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         raise UnsupportedModelError(
             f"pipeline {cls} is not supported; sdrt exports {', '.join(SUPPORTED_PIPELINES)}"
         )
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    family = SUPPORTED_PIPELINES[cls]
+    if family == "stable-diffusion-xl" and not (index.get("text_encoder") or [None])[0]:
+        raise UnsupportedModelError(
+            f"{cls} without a first text encoder (the SDXL refiner) is not supported yet; export an SDXL base model"
+        )
+    folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    if family == "stable-diffusion-xl":
+        folders += SDXL_FOLDERS
+    for sub in folders:
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path} has no {sub}/ folder; a {cls} needs one")
-    return Checkpoint(path, index, SUPPORTED_PIPELINES[cls])
+    return Checkpoint(path, index, family)
 
 
 def load_module(checkpoint: Checkpoint, subfolder: str):
     """Load one torch module in fp32, refusing it unless every weight loaded from the file."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     library, cls_name = checkpoint.index.get(subfolder, [None, None])
     classes = {
         "UNet2DConditionModel": UNet2DConditionModel,
         "AutoencoderKL": AutoencoderKL,
+        "AutoencoderTiny": AutoencoderTiny,
         "CLIPTextModel": CLIPTextModel,
         "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
     }

@@ -17,6 +17,12 @@ Profiles:
 
 fp16 keeps the inputs and outputs fp32 (keep_io_types=True), so that the runtime feeds and reads
 the same arrays as for an fp32 folder; the casts cost little next to the networks.
+
+fp16 also writes `vae_decoder_fp32/`: the decoder optimized with the same profile but kept in fp32,
+validated the same way and recorded in sdrt.json under "fallbacks". fp16 VAE decoders overflow on
+some models (NaN/Inf, a black image); the runtime then re-runs that decode with the fp32 one
+(sdrt.engines.fallback). It costs the decoder's size again on disk (~200 MB for SD 1.5), nothing
+in memory until needed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.engines.fallback import FALLBACKS_KEY
 from sdrt.engines.files import MANIFEST
 from sdrt.engines.onnxruntime import OrtEngine
 from sdrt.export.errors import ExportError, ValidationError
@@ -44,6 +51,8 @@ FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNorm", "SkipGroupNorm", "Insta
                       "LayerNormalization", "SkipLayerNormalization", "RandomNormalLike", "Range",
                       "Sin", "Cos", "Exp", "Pow", "ReduceMean", "Softmax"]
 # Fused op types a gpu-profile graph is expected to hold, per model type, when the network has them.
+# Components an fp16 folder also keeps in fp32, for the runtime's NaN fallback.
+FP32_FALLBACKS = ("vae_decoder",)
 GPU_FUSED_OPS = {"unet": {"GroupNorm", "SkipGroupNorm", "NhwcConv"}, "vae": {"GroupNorm", "NhwcConv"},
                  "clip": {"SkipLayerNormalization"}}
 
@@ -192,6 +201,16 @@ def optimize_file(src: Path, dst: Path, model_type: str, profile: str, precision
     model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
+def optimize_component(src: Path, dst: Path, name: str, manifest: dict, profile: str, precision: str) -> dict:
+    """Optimize one network file and validate it (run on the CPU, or a structural check for gpu); the report."""
+    model_type = MODEL_TYPE[name]
+    optimize_file(src, dst, model_type, profile, precision)
+    if profile == "cpu":
+        spec = manifest["components"][name]["spec"]
+        return compare_files(src, dst, spec, validation_shapes(manifest, name), precision)
+    return check_gpu_graph(dst, model_type)
+
+
 def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", force: bool = False,
                     log=print) -> Path:
     """Write `out`: `folder` with every network optimized for `profile` at `precision`, validated."""
@@ -211,16 +230,21 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     with staging(out, force) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data", MANIFEST))
-        for name, component in manifest["components"].items():
-            model_type = MODEL_TYPE[name]
-            src, dst = folder / name / "model.onnx", tmp / name / "model.onnx"
-            log(f"{name}: optimizing ({model_type}, {profile} profile, {precision})")
-            optimize_file(src, dst, model_type, profile, precision)
-            if profile == "cpu":
-                report = compare_files(src, dst, component["spec"], validation_shapes(manifest, name), precision)
-            else:
-                report = check_gpu_graph(dst, model_type)
-            manifest["validation_optimize"][name] = report
+        for name in manifest["components"]:
+            log(f"{name}: optimizing ({MODEL_TYPE[name]}, {profile} profile, {precision})")
+            manifest["validation_optimize"][name] = optimize_component(
+                folder / name / "model.onnx", tmp / name / "model.onnx", name, manifest, profile, precision)
+        fallbacks = [n for n in FP32_FALLBACKS if n in manifest["components"]] if precision == "fp16" else []
+        for name in fallbacks:
+            target = f"{name}_fp32"
+            log(f"{target}: keeping an fp32 {name} for the runtime's NaN fallback")
+            (tmp / target).mkdir()
+            shutil.copy2(folder / name / "config.json", tmp / target / "config.json")
+            manifest["validation_optimize"][target] = optimize_component(
+                folder / name / "model.onnx", tmp / target / "model.onnx", name, manifest, profile, "fp32")
+            manifest.setdefault(FALLBACKS_KEY, {})[name] = {
+                "path": f"{target}/model.onnx", "precision": "fp32",
+                "use": "re-run a decode whose fp16 output has NaN/Inf (fp16 overflow)"}
         write_manifest(tmp, manifest)
     log(f"optimized {len(manifest['components'])} components to {out}")
     return out

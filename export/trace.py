@@ -25,6 +25,16 @@ class TextEncoderWrapper(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+class TextEncoderHiddenStatesWrapper(TextEncoderWrapper):
+    """SDXL's encoders, with optimum's outputs: last hidden state, pooled output (`text_embeds` of the
+    projection model) and every layer's hidden states, embeddings first (clip skip reads them)."""
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if "text_embeds" in out else out.pooler_output
+        return (out.last_hidden_state, pooled, *out.hidden_states)
+
+
 class UNetWrapper(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -92,6 +102,9 @@ def wrap(component: str, module, spec: NetworkSpec | None = None) -> torch.nn.Mo
     if component == "unet":
         extra = tuple(spec.input_names[3:]) if spec is not None else ()
         return UNET_WRAPPERS[extra](module).eval()
+    if component in ("text_encoder", "text_encoder_2") and spec is not None and \
+            any(name.startswith("hidden_states.") for name in spec.output_names):
+        return TextEncoderHiddenStatesWrapper(module).eval()
     wrappers = {
         "text_encoder": TextEncoderWrapper,
         "vae_decoder": VaeDecoderWrapper,

@@ -45,12 +45,51 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_export_taesd(args) -> int:
+    try:
+        from sdrt.export.taesd import export_taesd
+    except ImportError as e:
+        raise SdrtError(
+            f"sdrt export-taesd needs the export extra ({e.name} is not installed): "
+            "pip install torch==2.13.0 && pip install 'sdrt[export]'"
+        ) from e
+    export_taesd(args.source, args.folder, opset=args.opset, force=args.force, encoder=not args.decoder_only)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    try:
+        from sdrt.export.quantize import quantize_folder
+    except ImportError as e:
+        raise SdrtError(
+            f"sdrt quantize needs onnx ({e.name} is not installed): pip install onnx, or 'sdrt[export]'"
+        ) from e
+    quantize_folder(args.folder, args.output, mode=args.mode, components=args.components.split(","),
+                    calibration=args.calibration_prompts, calibration_steps=args.calibration_steps,
+                    force=args.force)
+    return 0
+
+
 def cmd_info(args) -> int:
     from sdrt.runtime.info import describe, format_info
 
     info = describe(args.folder, verify="sha256")
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
+
+
+def _second_prompts(args, pipe) -> dict:
+    """--prompt-2 / --negative-2, the texts for SDXL's second text encoder; refused for a model without one."""
+    if args.prompt_2 is None and args.negative_2 is None:
+        return {}
+    if not getattr(pipe, "uses_text_encoder_2", False):
+        from sdrt.runtime.errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"--prompt-2 / --negative-2 need a model with a second text encoder (SDXL); {args.folder} has one, "
+            "so leave them out"
+        )
+    return {"prompt_2": args.prompt_2, "negative_prompt_2": args.negative_2}
 
 
 def cmd_generate(args) -> int:
@@ -65,27 +104,32 @@ def cmd_generate(args) -> int:
     if args.image is None:
         if args.strength is not None:
             raise InvalidInputError("--strength applies only with --image (img2img)")
-        from sdrt.runtime.pipeline import StableDiffusionPipeline
+        if args.mask is not None:
+            raise InvalidInputError("--mask applies only with --image, the picture to inpaint")
+        from sdrt.runtime.families import text_to_image_pipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.folder, provider=args.provider, scheduler=args.scheduler)
+        pipe = text_to_image_pipeline(args.folder, provider=args.provider, scheduler=args.scheduler,
+                                      allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args))
         width, height = args.size if args.size else (None, None)
-        result = pipe(args.prompt, height=height, width=width, **common)
+        result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
     else:
         if args.size is not None:
             raise InvalidInputError("--size does not apply with --image: the output has the image's size")
-        from PIL import Image
+        from sdrt.runtime.families import image_to_image_pipeline
+        from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
 
-        from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
-
-        try:
-            with Image.open(args.image) as opened:
-                picture = opened.copy()
-        except OSError as e:
-            raise InvalidInputError(f"cannot read --image {args.image}: {e}") from e
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.folder, provider=args.provider,
-                                                              scheduler=args.scheduler)
-        strength = 0.8 if args.strength is None else args.strength
-        result = pipe(args.prompt, picture, strength=strength, **common)
+        picture = _read_picture(args.image, "--image")
+        mask = None if args.mask is None else _read_picture(args.mask, "--mask")
+        options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
+                       vae=args.vae, **_memory_options(args))
+        if mask is None:
+            pipe = image_to_image_pipeline(args.folder, **options)
+            strength = 0.8 if args.strength is None else args.strength
+            result = pipe(args.prompt, picture, strength=strength, **common, **_second_prompts(args, pipe))
+        else:
+            pipe = StableDiffusionInpaintPipeline.from_pretrained(args.folder, **options)
+            strength = 1.0 if args.strength is None else args.strength
+            result = pipe(args.prompt, picture, mask, strength=strength, **common, **_second_prompts(args, pipe))
     out = Path(args.output)
     paths = [out] if len(result.images) == 1 else [
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
@@ -97,6 +141,32 @@ def cmd_generate(args) -> int:
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
           f"({t['steps']} steps), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
+
+
+def _memory_options(args) -> dict:
+    """--low-memory, --tile-size and --tile-overlap as pipeline options (tile overlap defaults to a quarter tile)."""
+    from sdrt.runtime.errors import InvalidInputError
+    from sdrt.runtime.tiling import Tiling
+
+    if args.tile_size is None:
+        if args.tile_overlap is not None:
+            raise InvalidInputError("--tile-overlap needs --tile-size (tiled VAE is off without it)")
+        return {"low_memory": args.low_memory}
+    overlap = args.tile_overlap if args.tile_overlap is not None else args.tile_size // 32 * 8
+    return {"low_memory": args.low_memory, "vae_tiling": Tiling(args.tile_size, overlap)}
+
+
+def _read_picture(path: str, option: str):
+    """The picture at path, read into memory (the file is closed); InvalidInputError naming the option if unreadable."""
+    from PIL import Image
+
+    from sdrt.runtime.errors import InvalidInputError
+
+    try:
+        with Image.open(path) as opened:
+            return opened.copy()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {option} {path}: {e}") from e
 
 
 def cmd_demo(args) -> int:
@@ -136,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="a local diffusers pipeline folder")
     e.add_argument("output", help="the folder to create")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest that works)")
-    e.add_argument("--components", help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder")
+    e.add_argument("--components",
+                   help="comma-separated subset of text_encoder,text_encoder_2 (SDXL),unet,vae_decoder,vae_encoder")
     e.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     e.set_defaults(func=cmd_export)
 
@@ -148,11 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     o.set_defaults(func=cmd_optimize)
 
+    q = sub.add_parser("quantize", help="int8-quantize the UNet and text encoder for the CPU (validated vs fp32)")
+    q.add_argument("folder", help="an fp32 folder written by `sdrt export` (or its `sdrt optimize --optimize cpu`)")
+    q.add_argument("output", help="the folder to create")
+    q.add_argument("--mode", choices=("dynamic", "static", "qdq"), default="static",
+                   help="dynamic: MatMul/Gemm only; static (default): also Conv, calibrated; qdq: all calibrated")
+    q.add_argument("--components", default="unet,text_encoder", help="comma-separated (default unet,text_encoder)")
+    q.add_argument("--calibration-prompts", type=int, default=4,
+                   help="pipeline runs recorded for calibration, from a built-in prompt list (default 4)")
+    q.add_argument("--calibration-steps", type=int, default=4, help="denoising steps per calibration run")
+    q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    q.set_defaults(func=cmd_quantize)
+
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("folder", help="an exported model folder")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="PNG path (numbered when several images)")
     g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT)")
+    g.add_argument("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
@@ -161,10 +246,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", default=None, help="img2img: start from this picture (RGB); the output has its size")
     g.add_argument("--strength", type=float, default=None,
-                   help="img2img: how far to move from --image, in (0, 1] (default 0.8); runs that share of --steps")
+                   help="img2img: how far to move from --image, in (0, 1] (default 0.8; 1.0 with --mask); runs that "
+                        "share of --steps")
+    g.add_argument("--mask", default=None,
+                   help="inpainting: repaint the white part of --image given by this mask (same size; black is kept)")
+    g.add_argument("--vae", choices=("full", "taesd"), default="full",
+                   help="taesd: decode (and encode) with the tiny VAE added by `sdrt export-taesd`: much faster, "
+                        "less detail")
     g.add_argument("--rng", choices=("torch", "numpy"), default="torch",
                    help="noise stream: torch (same image as diffusers for a seed) or numpy")
-    g.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")
+    g.add_argument("--provider", default="cpu",
+                   help="cpu, cuda[:N], tensorrt-ep (onnxruntime's TensorRT provider), tensorrt (native, needs "
+                        "sdrt[tensorrt]) or an onnxruntime provider name")
+    g.add_argument("--allow-fallback", action="store_true",
+                   help="if the provider is missing or fails to build, use the next one (tensorrt -> cuda -> cpu) "
+                        "with a warning, instead of stopping")
+    g.add_argument("--low-memory", action="store_true",
+                   help="one network in memory at a time, guidance halves one after the other: a lower peak RSS, "
+                        "the same image, a slightly slower run")
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="VAE decode (and encode) in tiles of this many px (a multiple of 8, e.g. 256): less memory "
+                        "for big images; blended tiles differ slightly from a whole decode")
+    g.add_argument("--tile-overlap", type=int, default=None,
+                   help="px shared by neighbouring tiles, blended (a multiple of 8; default a quarter of --tile-size)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -194,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", action="store_true", help="also write a PNG chart (needs --out)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("export-taesd", help="add a tiny VAE (TAESD) to an exported folder, for --vae taesd "
+                       "(needs sdrt[export])")
+    t.add_argument("source", help="a diffusers AutoencoderTiny folder, e.g. a download of madebyollin/taesd")
+    t.add_argument("folder", help="a folder written by `sdrt export`, updated in place")
+    t.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    t.add_argument("--decoder-only", action="store_true", help="skip the encoder (img2img with --vae taesd needs it)")
+    t.add_argument("--force", action="store_true", help="replace a tiny VAE the folder already has")
+    t.set_defaults(func=cmd_export_taesd)
 
     i = sub.add_parser("info", help="describe an exported folder and verify its files")
     i.add_argument("folder")

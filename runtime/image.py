@@ -88,7 +88,7 @@ def from_pil(
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise InvalidInputError("from_pil got an empty list of images")
-    pictures = [_as_rgb(item, index) for index, item in enumerate(images)]
+    pictures = [as_rgb(item, index) for index, item in enumerate(images)]
     height = _vae_size("height", height, pictures[0].height, vae_scale_factor)
     width = _vae_size("width", width, pictures[0].width, vae_scale_factor)
     pixels = np.stack([np.asarray(p.resize((width, height), resample=RESAMPLE), dtype=np.float32) for p in pictures])
@@ -199,7 +199,7 @@ def _one_picture(array) -> Image.Image:
     return pictures[0]
 
 
-def _as_rgb(image, index: int) -> Image.Image:
+def as_rgb(image, index: int) -> Image.Image:
     """A PIL RGB image from a PIL image or an HWC uint8 array; see from_pil for the modes taken."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:

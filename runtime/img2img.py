@@ -15,10 +15,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sdrt.runtime import image as imageio
+from sdrt.runtime import tiling
 from sdrt.runtime.config import ModelFolder
-from sdrt.runtime.errors import GenerationError, InvalidInputError, ModelFolderError
+from sdrt.runtime.errors import GenerationError, InvalidInputError
 from sdrt.runtime.pipeline import PipelineOutput, StableDiffusionBase
 from sdrt.runtime.rng import make_generator
+from sdrt.runtime.vae import require_encoder, select_vae
 
 # DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -28,13 +30,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """SD 1.x / 2.x image-to-image over ONNX engines (needs the folder's vae_encoder)."""
 
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **engine_options):
-        if "vae_encoder" not in folder.components:
-            raise ModelFolderError(
-                f"{folder.path} lacks vae_encoder/model.onnx, which img2img needs; re-export the checkpoint "
-                "with sdrt export (its default components include vae_encoder)"
-            )
+        require_encoder(folder, select_vae(folder, engine_options.get("vae", "full")))
         super().__init__(folder, provider=provider, scheduler=scheduler, **engine_options)
-        self.vae_encoder = self._engine("vae_encoder", **engine_options)
+        self.vae_encoder = self._engine(self.vae_choice.encoder)
 
     def _engines(self) -> tuple:
         return (*super()._engines(), self.vae_encoder)
@@ -43,18 +41,44 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         """NCHW pixels in [-1, 1] -> scaled latents, one sample of the VAE's diagonal Gaussian per image.
 
         diffusers' `scaling_factor * vae.encode(x).latent_dist.sample(generator)`: one randn of the
-        latents' shape, drawn after every image is encoded. Images are encoded one at a time.
+        latents' shape, drawn after every image is encoded. Images are encoded one at a time. The tiny
+        VAE (vae="taesd") returns latents, not a distribution: nothing is drawn (diffusers' retrieve_latents).
         """
-        parameters = np.concatenate([
-            self.vae_encoder.run({"sample": pixels[k:k + 1]})["latent_parameters"] for k in range(len(pixels))
+        choice = self.vae_choice
+        encoded = np.concatenate([
+            tiling.encode(lambda x: self.vae_encoder.run({"sample": x})[choice.encoder_output], pixels[k:k + 1],
+                          self.vae_tiling, self.folder.vae.scale_factor) for k in range(len(pixels))
         ])
-        if not np.isfinite(parameters).all():
+        self._stage_done(self.vae_encoder)
+        if not np.isfinite(encoded).all():
             raise GenerationError("the VAE encoder returned NaN/Inf for this image")
-        mean, logvar = np.split(parameters, 2, axis=1)
-        std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
-        sample = mean + std * generator.randn(mean.shape).astype(np.float32)
-        vae = self.folder.vae
+        sample = encoded
+        if choice.samples:
+            mean, logvar = np.split(encoded, 2, axis=1)
+            std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+            sample = mean + std * generator.randn(mean.shape).astype(np.float32)
+        vae = choice.config
         return (sample - np.float32(vae.shift_factor)) * np.float32(vae.scaling_factor)
+
+    def _image_and_plan(self, image, strength, num_prompts: int, num_images_per_prompt: int,
+                        num_inference_steps: int, eta: float) -> tuple:
+        """Check strength and the images: NCHW pixels in [-1, 1], and the plan cut short by strength."""
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+            raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+        pixels = imageio.from_pil(image, vae_scale_factor=self.folder.vae.scale_factor)
+        self._check_size(*pixels.shape[2:], subject="image ")
+        self._check_image_count(len(pixels), num_prompts, num_images_per_prompt)
+        return pixels, self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta)
+
+    def _noised_image_latents(self, pixels: np.ndarray, plan, batch: int, generator, timings: dict) -> np.ndarray:
+        """The images' latents (first draw), tiled over the batch, noised to the plan's first timestep (second
+        draw), as diffusers' prepare_latents."""
+        t0 = time.perf_counter()
+        latents = self.encode_image(pixels, generator)
+        timings["vae_encoder"] = time.perf_counter() - t0
+        latents = np.tile(latents, (batch // len(latents), 1, 1, 1))
+        noise = generator.randn(latents.shape).astype(np.float32)
+        return self.scheduler.add_noise(plan, latents, noise, 0)
 
     @staticmethod
     def _check_image_count(num_images: int, num_prompts: int, num_images_per_prompt: int) -> None:
@@ -93,17 +117,12 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         (1 ignores the image's content). Runs int(num_inference_steps * strength) steps.
         guidance_rescale: as txt2img; diffusers' StableDiffusionImg2ImgPipeline has no such option
         (it ignores the argument), so only 0 is compared with it."""
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
                               output_type)
         prompts, negatives = self._prompts(prompt, negative_prompt)
-        vae = self.folder.vae
-        pixels = imageio.from_pil(image, vae_scale_factor=vae.scale_factor)
+        pixels, plan = self._image_and_plan(image, strength, len(prompts), num_images_per_prompt, num_inference_steps,
+                                            eta)
         height, width = pixels.shape[2:]
-        self._check_size(height, width, subject="image ")
-        self._check_image_count(len(pixels), len(prompts), num_images_per_prompt)
-        plan = self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta)
         generator = generator if generator is not None else make_generator(seed, rng)
         timings: dict[str, float] = {}
 
@@ -112,13 +131,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
 
         # 2. Image latents (first random draw), tiled over the batch, noised to the plan's first timestep
         #    (second draw), as diffusers' prepare_latents.
-        t0 = time.perf_counter()
-        latents = self.encode_image(pixels, generator)
-        timings["vae_encoder"] = time.perf_counter() - t0
-        batch = len(prompts) * num_images_per_prompt
-        latents = np.tile(latents, (batch // len(latents), 1, 1, 1))
-        noise = generator.randn(latents.shape).astype(np.float32)
-        latents = self.scheduler.add_noise(plan, latents, noise, 0)
+        latents = self._noised_image_latents(pixels, plan, len(prompts) * num_images_per_prompt, generator, timings)
 
         # 3. Denoise, 4. decode: as txt2img.
         latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,

@@ -24,6 +24,7 @@ def describe(path, verify: str = "sha256") -> dict:
     return {
         "path": str(folder.path),
         "family": folder.family,
+        "tiny_vae": [c for c in folder.components if c.startswith("vae_tiny_")],
         "pipeline": folder.pipeline,
         "writer": "sdrt" if folder.manifest else "optimum (no sdrt.json)",
         "precision": folder.precision(),
@@ -42,6 +43,7 @@ def format_info(info: dict) -> str:
     lines = [
         f"{info['path']}",
         f"  family     {info['family']} ({info['pipeline']}), written by {info['writer']}",
+        f"  tiny VAE   {', '.join(info['tiny_vae']) + ' (--vae taesd)' if info['tiny_vae'] else 'none'}",
         f"  precision  {info['precision']}, opset {info['opset']}",
         f"  scheduler  {info['scheduler']} ({info['prediction_type']})",
         f"  size       default {info['default_size']} px, multiples of {info['size_multiple']} px",

@@ -16,14 +16,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sdrt.engines import create_engine
+from sdrt.engines.fallback import FiniteOrFallback, fallback_file
 from sdrt.runtime import image as imageio
+from sdrt.runtime import memory, tiling
 from sdrt.runtime.config import ModelFolder
-from sdrt.runtime.errors import CancelledError, GenerationError, InvalidInputError
+from sdrt.runtime.errors import CancelledError, GenerationError, InvalidInputError, UnsupportedConfigError
 from sdrt.runtime.guidance import guide
 from sdrt.runtime.rng import make_generator
 from sdrt.runtime.schedulers import load_scheduler
 from sdrt.runtime.schedulers.plan import Plan
+from sdrt.runtime.tiling import Tiling
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.vae import select_vae
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "latent")
 
@@ -39,13 +43,46 @@ class PipelineOutput:
 class StableDiffusionBase:
     """Engines and shared stages of the SD 1.x / 2.x pipelines; subclasses define __call__."""
 
-    def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **engine_options):
+    uses_text_encoder_2 = False  # SDXL's pipelines (sdrt.runtime.sdxl) feed a second text encoder
+    uses_timestep_cond = False  # LCM's pipeline (sdrt.runtime.lcm) feeds the guidance embedding
+
+    def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, low_memory: bool = False,
+                 cfg_mode: str | None = None, vae_tiling: Tiling | None = None, vae: str = "full", **engine_options):
+        """low_memory: one network in memory at a time, guidance halves one after the other, lean sessions
+        (sdrt.runtime.memory); same images. cfg_mode: "batched" (one UNet call of 2N) or "sequential" (two
+        of N; the default in low-memory mode). vae_tiling: decode (and encode) in overlapping tiles
+        (sdrt.runtime.tiling.Tiling); changes the image slightly. vae: "full", or "taesd" for the tiny VAE that
+        `sdrt export-taesd` adds (sdrt.runtime.vae). engine_options: SessionOptions fields."""
+        if cfg_mode is None:
+            cfg_mode = "sequential" if low_memory else "batched"
+        if cfg_mode not in memory.CFG_MODES:
+            raise InvalidInputError(f"cfg_mode must be one of {memory.CFG_MODES}, got {cfg_mode!r}")
+        if vae_tiling is not None:
+            vae_tiling.check(folder.vae.scale_factor)
+        self._check_unet_channels(folder)
+        if folder.unet_config.get("time_cond_proj_dim") is not None and not self.uses_timestep_cond:
+            raise UnsupportedConfigError(
+                f"{folder.path} is a Latent Consistency Model (its UNet takes a guidance embedding): run it with "
+                "sdrt.runtime.lcm.LatentConsistencyPipeline (sdrt generate picks it); LCM img2img is not supported yet"
+            )
+        if "text_encoder_2" in folder.components and not self.uses_text_encoder_2:
+            raise UnsupportedConfigError(
+                f"{folder.path} is an SDXL model (two text encoders): run it with sdrt.runtime.sdxl's "
+                "StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline (sdrt.runtime.families picks the class)"
+            )
         self.folder = folder
         self.provider = provider
+        self.low_memory = low_memory
+        self.cfg_mode = cfg_mode
+        self.vae_tiling = vae_tiling
+        if low_memory and "session_options" not in engine_options:
+            engine_options = {**memory.LOW_MEMORY_SESSION, **engine_options}
+        self.engine_options = engine_options
         self.tokenizer = ClipTokenizer.from_folder(folder.path / "tokenizer")
-        self.text_encoder = self._engine("text_encoder", **engine_options)
-        self.unet = self._engine("unet", **engine_options)
-        self.vae_decoder = self._engine("vae_decoder", **engine_options)
+        self.text_encoder = self._engine("text_encoder")
+        self.unet = self._engine("unet")
+        self.vae_choice = select_vae(folder, vae)
+        self.vae_decoder = self._nan_safe(self.vae_choice.decoder)
         self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
         self.scheduler_name = scheduler
 
@@ -54,9 +91,24 @@ class StableDiffusionBase:
                         **engine_options):
         return cls(ModelFolder.open(path, verify=verify), provider=provider, scheduler=scheduler, **engine_options)
 
-    def _engine(self, component: str, **engine_options):
+    def _engine(self, component: str):
         return create_engine(self.folder.onnx_path(component), self.folder.spec(component), provider=self.provider,
-                             **engine_options)
+                             **self.engine_options)
+
+    def _nan_safe(self, component: str):
+        """The engine, re-run with the fp32 copy that an fp16 folder keeps (sdrt.json "fallbacks") on NaN/Inf."""
+        engine, fp32 = self._engine(component), fallback_file(self.folder.path, self.folder.manifest, component)
+        if fp32 is None:
+            return engine
+        return FiniteOrFallback(engine, lambda: create_engine(fp32, self.folder.spec(component), provider=self.provider,
+                                                              **self.engine_options), name=component)
+
+    def _stage_done(self, *engines) -> None:
+        """In low-memory mode, unload engines once their stage has run (each reloads when next needed)."""
+        if self.low_memory:
+            for engine in engines:
+                if engine.loaded:
+                    memory.release(engine)
 
     def _engines(self) -> tuple:
         return (self.text_encoder, self.unet, self.vae_decoder)
@@ -66,6 +118,16 @@ class StableDiffusionBase:
             engine.release()
 
     # -- checks -------------------------------------------------------------------------------
+
+    def _check_unet_channels(self, folder: ModelFolder) -> None:
+        """The UNet takes the latents alone (an inpainting UNet, which takes more, needs the inpainting pipeline)."""
+        in_channels = folder.unet_config.get("in_channels")
+        if in_channels != folder.vae.latent_channels:
+            raise UnsupportedConfigError(
+                f"{folder.path}: the UNet takes {in_channels} input channels, not the VAE's "
+                f"{folder.vae.latent_channels} latent channels: an inpainting model; run it with "
+                "sdrt.runtime.inpaint.StableDiffusionInpaintPipeline (sdrt generate --image PICTURE --mask MASK)"
+            )
 
     def _check_size(self, height: int, width: int, subject: str = "") -> None:
         """height and width are multiples of what the UNet needs; `subject` prefixes the names ("image ")."""
@@ -125,24 +187,37 @@ class StableDiffusionBase:
         """Negatives and prompts in one text-encoder batch (negatives only with guidance), each repeated per image."""
         t0 = time.perf_counter()
         embeds = self.encode_prompt(negatives + prompts if do_cfg else prompts)
+        self._stage_done(self.text_encoder)
         embeds = np.repeat(embeds, num_images_per_prompt, axis=0)
         timings["text_encoder"] = time.perf_counter() - t0
         return embeds
 
     def _denoise(self, plan: Plan, latents: np.ndarray, embeds: np.ndarray, guidance_scale: float,
                  guidance_rescale: float, generator, callback, progress: bool, timings: dict,
-                 unet_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Run every evaluation of `plan` from `latents`: one batched UNet call (2N with guidance), one solver step.
+                 unet_inputs: dict[str, np.ndarray] | None = None, extra_channels: np.ndarray | None = None,
+                 after_step: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Run every evaluation of `plan` from `latents`: the UNet (with guidance one call of 2N, or two of N when
+        cfg_mode is "sequential"), then one solver step.
 
         `unet_inputs`: the UNet's inputs beyond sample/timestep/encoder_hidden_states (SDXL's
         text_embeds and time_ids, LCM's timestep_cond), constant over the steps and batched as
         `embeds` is (negatives first with guidance).
+        `extra_channels`: constant channels appended to the scaled latents of every UNet input, batched
+        as `latents` (an inpainting UNet's mask and masked-image latents).
+        `after_step(i, latents) -> latents`: applied after each solver step, before the callback
+        (inpainting's blend of the known region into the latents).
         """
         do_cfg = guidance_scale > 1.0
         batch = len(latents)
         state = self.scheduler.initial_state(plan)
+        self._stage_done(*(e for e in self._engines() if e is not self.unet))  # any a subclass's stage left loaded
         timestep_dtype = self.unet.input_dtypes["timestep"]
-        unet_batch = 2 * batch if do_cfg else batch
+        # The conditioning of each UNet call per step: all of it at once, or the negative then the positive half.
+        conditioning = {"encoder_hidden_states": embeds, **(unet_inputs or {})}
+        if do_cfg and self.cfg_mode == "sequential":
+            calls = [{name: np.split(value, 2)[half] for name, value in conditioning.items()} for half in (0, 1)]
+        else:
+            calls = [conditioning]
         unet_seconds = 0.0
         steps = range(plan.num_evaluations)
         if progress:
@@ -153,15 +228,18 @@ class StableDiffusionBase:
         for i in steps:
             t = plan.timesteps[i]
             model_input = self.scheduler.scale_model_input(plan, i, latents)
-            if do_cfg:
-                model_input = np.concatenate([model_input, model_input])
+            if extra_channels is not None:
+                model_input = np.concatenate([model_input, extra_channels], axis=1)
             t_unet = time.perf_counter()
-            noise_pred = self.unet.run({
-                "sample": model_input,
-                "timestep": np.full((unet_batch,), t, dtype=timestep_dtype),
-                "encoder_hidden_states": embeds,
-                **(unet_inputs or {}),
-            })["out_sample"]
+            noise_pred = []
+            for call in calls:
+                n = len(call["encoder_hidden_states"])
+                noise_pred.append(self.unet.run({
+                    "sample": np.concatenate([model_input] * (n // batch)),
+                    "timestep": np.full((n,), t, dtype=timestep_dtype),
+                    **call,
+                })["out_sample"])
+            noise_pred = noise_pred[0] if len(noise_pred) == 1 else np.concatenate(noise_pred)
             unet_seconds += time.perf_counter() - t_unet
             if not np.isfinite(noise_pred).all():
                 raise GenerationError(
@@ -171,8 +249,11 @@ class StableDiffusionBase:
             if do_cfg:
                 noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
             latents, state = self.scheduler.step(plan, i, noise_pred, latents, state, generator)
+            if after_step is not None:
+                latents = after_step(i, latents)
             if callback is not None and callback(i, float(t), latents) is False:
                 raise CancelledError(f"cancelled by the callback after step {i + 1}/{plan.num_evaluations}")
+        self._stage_done(self.unet)
         timings["unet"] = unet_seconds
         timings["scheduler_and_guidance"] = time.perf_counter() - t_loop - unet_seconds
         timings["steps"] = plan.num_evaluations
@@ -184,13 +265,18 @@ class StableDiffusionBase:
         if output_type == "latent":
             images = latents
         else:
-            vae = self.folder.vae
+            vae = self.vae_choice.config
             scaled = latents / np.float32(vae.scaling_factor) + np.float32(vae.shift_factor)
             decoded = np.concatenate([
-                self.vae_decoder.run({"latent_sample": scaled[k:k + 1]})["sample"] for k in range(len(latents))
+                tiling.decode(lambda z: self.vae_decoder.run({"latent_sample": z})["sample"], scaled[k:k + 1],
+                              self.vae_tiling, vae.scale_factor) for k in range(len(latents))
             ])
+            self._stage_done(self.vae_decoder)
             if not np.isfinite(decoded).all():
-                raise GenerationError("the VAE decoder returned NaN/Inf; the image would be black")
+                raise GenerationError(
+                    "the VAE decoder returned NaN/Inf; the image would be black. An fp16 folder needs its fp32 "
+                    "decoder (vae_decoder_fp32/, which `sdrt optimize --precision fp16` writes): re-run that, or use "
+                    "the fp32 export; if the folder has it, the model is broken for this input")
             if output_type == "np":
                 images = imageio.to_unit(decoded)
             else:

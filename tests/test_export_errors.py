@@ -49,9 +49,9 @@ def test_source_not_diffusers(tmp_path):
 
 def test_unsupported_family_is_named(ckpt_copy, tmp_path):
     index = json.loads((ckpt_copy / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (ckpt_copy / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UnsupportedModelError, match="SDXL export lands in a later version"):
+    with pytest.raises(UnsupportedModelError, match="SD3 .a transformer, not a UNet. is not supported"):
         export_pipeline(ckpt_copy, tmp_path / "out", log=quiet)
     assert_nothing_written(tmp_path / "out")
 

@@ -1,0 +1,151 @@
+"""Latent Consistency Models: a tiny LCM checkpoint (UNet with time_cond_proj_dim, LCMScheduler) exported by
+sdrt and run by sdrt.runtime.lcm, against diffusers' LatentConsistencyModelPipeline on the same weights and
+seed; the guidance embedding against diffusers'; the folder picks the pipeline; bad inputs; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.runtime.cli import main
+from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
+from sdrt.runtime.families import text_to_image_class
+from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
+from sdrt.runtime.lcm import LatentConsistencyPipeline, guidance_scale_embedding
+from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k!"]
+
+
+@pytest.fixture(scope="module")
+def lcm_checkpoint(tmp_path_factory):
+    from sdrt.export.fixtures_family import save_tiny_lcm_pipeline
+
+    return save_tiny_lcm_pipeline(tmp_path_factory.mktemp("lcm-checkpoint") / "lcm")
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(lcm_checkpoint, tmp_path_factory):
+    from sdrt.export.api import export_pipeline
+
+    return export_pipeline(lcm_checkpoint, tmp_path_factory.mktemp("lcm-exported") / "lcm", log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(lcm_checkpoint):
+    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(lcm_checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(lcm_folder):
+    return LatentConsistencyPipeline.from_pretrained(lcm_folder)
+
+
+CASES = [
+    (1, dict(prompt=PROMPTS[0], guidance_scale=8.5)),
+    (2, dict(prompt=PROMPTS[1], guidance_scale=1.0, num_images_per_prompt=2)),
+    (4, dict(prompt=PROMPTS, guidance_scale=3.0)),
+    (4, dict(prompt=PROMPTS[0], guidance_scale=8.5, height=64, width=96)),
+]
+
+
+@pytest.mark.parametrize("steps,kwargs", CASES, ids=[f"{s}-steps-{i}" for i, (s, _) in enumerate(CASES)])
+def test_images_match_diffusers(reference_pipe, ours, steps, kwargs):
+    seed = 1234
+    expected = reference_pipe(num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+                              output_type="np", **kwargs).images
+    got = ours(num_inference_steps=steps, seed=seed, output_type="np", **kwargs).images
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_guidance_reaches_the_unet(ours):
+    """guidance_scale is an input of the UNet (its embedding), so it changes the picture at no extra cost."""
+    a = ours(PROMPTS[0], num_inference_steps=2, guidance_scale=1.0, seed=3, output_type="np")
+    b = ours(PROMPTS[0], num_inference_steps=2, guidance_scale=8.5, seed=3, output_type="np")
+    assert np.abs(a.images - b.images).max() > 1e-3
+    assert a.timings["steps"] == b.timings["steps"] == 2
+
+
+@pytest.mark.parametrize("dim", [32, 256, 33])
+def test_guidance_embedding_matches_diffusers(reference_pipe, dim):
+    """Equal up to float32 rounding of the angles 1000 w f_k: a few ulps of an angle of 1000 w radians."""
+    w = torch.tensor([0.0, 0.5, 1.0, 7.5, 14.0])
+    expected = reference_pipe.get_guidance_scale_embedding(w, embedding_dim=dim).numpy()
+    got = guidance_scale_embedding(w.numpy(), dim)
+    assert got.shape == expected.shape == (5, dim) and got.dtype == np.float32
+    ulps = 4 * np.finfo(np.float32).eps * 1000 * w.numpy()[:, None]
+    assert (np.abs(got - expected) <= ulps + 1e-6).all()
+
+
+def test_export_records_the_family_and_the_timestep_cond_input(lcm_folder):
+    manifest = json.loads((lcm_folder / "sdrt.json").read_text())
+    assert manifest["family"] == "latent-consistency"
+    inputs = [t["name"] for t in manifest["components"]["unet"]["spec"]["inputs"]]
+    assert inputs == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    assert manifest["validation"]["unet"]["passed"]
+    folder = ModelFolder.open(lcm_folder)
+    assert folder.family == "latent-consistency" and folder.scheduler_config["_class_name"] == "LCMScheduler"
+
+
+def test_the_folder_picks_its_pipeline(lcm_folder, exported):
+    assert text_to_image_class(ModelFolder.open(lcm_folder)) is LatentConsistencyPipeline
+    assert text_to_image_class(ModelFolder.open(exported["sd1"])) is StableDiffusionPipeline
+
+
+def test_lcm_pipeline_refuses_a_folder_without_the_guidance_embedding(exported):
+    with pytest.raises(ModelFolderError, match="no time_cond_proj_dim .* not a Latent Consistency Model"):
+        LatentConsistencyPipeline.from_pretrained(exported["sd1"])
+
+
+@pytest.mark.parametrize("cls", [StableDiffusionPipeline, StableDiffusionImg2ImgPipeline])
+def test_other_pipelines_refuse_an_lcm_folder(lcm_folder, cls):
+    with pytest.raises(UnsupportedConfigError, match="Latent Consistency Model .*LatentConsistencyPipeline"):
+        cls.from_pretrained(lcm_folder)
+
+
+def test_bad_inputs_are_explained(ours):
+    with pytest.raises(InvalidInputError, match="no negative_prompt: its guidance is distilled"):
+        ours(PROMPTS[0], negative_prompt="blurry", num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="exceeds the LCM's original_inference_steps=50"):
+        ours(PROMPTS[0], num_inference_steps=51)
+    with pytest.raises(InvalidInputError, match="guidance_scale must be >= 0"):
+        ours(PROMPTS[0], guidance_scale=-1.0, num_inference_steps=1)
+
+
+def test_cli_generates_with_the_lcm_pipeline(lcm_folder, ours, tmp_path, capsys):
+    out = tmp_path / "lcm.png"
+    rc = main(["generate", str(lcm_folder), PROMPTS[0], "-o", str(out), "--steps", "2", "--guidance", "6",
+               "--seed", "7", "-q"])
+    assert rc == 0
+    expected = ours(PROMPTS[0], num_inference_steps=2, guidance_scale=6.0, seed=7, output_type="uint8").images[0]
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), expected)
+        assert "Steps: 2" in im.text["parameters"]
+
+
+def test_cli_explains_lcm_bad_options(lcm_folder, tmp_path, capsys):
+    rc = main(["generate", str(lcm_folder), "x", "-o", str(tmp_path / "a.png"), "--negative", "blurry", "-q"])
+    assert rc == 2
+    assert "no negative_prompt" in capsys.readouterr().err
+    picture = tmp_path / "in.jpg"
+    Image.new("RGB", (64, 64), (200, 30, 40)).save(picture)
+    rc = main(["generate", str(lcm_folder), "x", "-o", str(tmp_path / "a.png"), "--image", str(picture), "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "LCM img2img is not supported yet" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_info_shows_the_family(lcm_folder, capsys):
+    assert main(["info", str(lcm_folder)]) == 0
+    assert "latent-consistency (LatentConsistencyModelPipeline)" in capsys.readouterr().out
