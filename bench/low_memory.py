@@ -39,6 +39,8 @@ SIDES = {
     "sdrt-low-memory": {"low_memory": True},
     "sdrt-low-memory-tiled": {"low_memory": True, "tiled": True},
 }
+# With --int8 DIR (an `sdrt quantize` copy of the same export): low-memory mode on the int8 UNet/text encoder.
+INT8_SIDE = {"sdrt-low-memory-int8": {"low_memory": True, "int8": True}}
 
 
 def worker(side: str, spec: dict, started: float) -> dict:
@@ -64,10 +66,12 @@ def worker(side: str, spec: dict, started: float) -> dict:
         from sdrt.runtime.pipeline import StableDiffusionPipeline
         from sdrt.runtime.tiling import Tiling
 
-        options = SIDES[side]
+        options = {**SIDES, **INT8_SIDE}[side]
         tiling = Tiling(spec["tile_size"], spec["tile_overlap"]) if options.get("tiled") else None
         t0 = time.time()
-        pipe = StableDiffusionPipeline.from_pretrained(spec["exported"], low_memory=options.get("low_memory", False),
+        options = {**SIDES, **INT8_SIDE}[side]
+        folder = spec["int8"] if options.get("int8") else spec["exported"]
+        pipe = StableDiffusionPipeline.from_pretrained(folder, low_memory=options.get("low_memory", False),
                                                        vae_tiling=tiling)
         if not pipe.low_memory:  # the normal mode loads every engine up front; low-memory mode loads per stage
             for engine in (pipe.text_encoder, pipe.unet, pipe.vae_decoder):
@@ -100,12 +104,14 @@ def measure(args) -> dict:
     width, height = args.size
     spec = {"checkpoint": str(ckpt), "exported": str(exported), "prompt": PROMPT, "negative": NEGATIVE,
             "steps": args.steps, "guidance": args.guidance, "width": width, "height": height, "seed": args.seed,
-            "tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
+            "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
+            "int8": str(args.int8) if args.int8 else None}
+    sides_run = {**SIDES, **(INT8_SIDE if args.int8 else {})}
     machine = rb.machine_info(extra_libraries=("torch", "diffusers", "transformers"))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sides, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for side in SIDES:
+        for side in sides_run:
             log(f"{side}: {label}, {width}x{height}, {args.steps} steps, guidance {args.guidance}")
             sides[side], images[side] = run_side(side, spec, Path(tmp))
             log(f"{side}: peak RSS {sides[side]['peak_rss_mib']:,.0f} MiB, cold start "
@@ -123,7 +129,7 @@ def measure(args) -> dict:
         "settings": {**{k: spec[k] for k in ("steps", "guidance", "width", "height", "seed", "prompt", "negative",
                                              "tile_size", "tile_overlap")},
                      "cfg": args.guidance > 1, "batch": 1, "scheduler": "the checkpoint's",
-                     "order": "one fresh process per side, one after the other: " + ", ".join(SIDES)},
+                     "order": "one fresh process per side, one after the other: " + ", ".join(sides_run)},
         "machine": machine,
         "load_average_1m_after": os.getloadavg()[0],
         "sides": sides,
@@ -132,12 +138,15 @@ def measure(args) -> dict:
             "sdrt_low_memory_vs_sdrt": image_difference(images["sdrt-low-memory"], images["sdrt"]),
             "sdrt_tiled_vs_whole_decode": image_difference(images["sdrt-low-memory-tiled"], images["sdrt-low-memory"]),
             "sdrt_vs_diffusers": image_difference(images["sdrt"], images["diffusers"]),
+            **({"sdrt_int8_vs_fp32": image_difference(images["sdrt-low-memory-int8"], images["sdrt-low-memory"])}
+               if args.int8 else {}),
         },
     }
 
 
 LABELS = {"diffusers": "diffusers (torch, fp32)", "sdrt": "sdrt normal", "sdrt-low-memory": "sdrt --low-memory",
-          "sdrt-low-memory-tiled": "sdrt --low-memory, tiled VAE"}
+          "sdrt-low-memory-tiled": "sdrt --low-memory, tiled VAE",
+          "sdrt-low-memory-int8": "sdrt --low-memory, int8 UNet + text encoder (sdrt quantize)"}
 
 
 def to_markdown(result: dict) -> str:
@@ -155,6 +164,8 @@ def to_markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for side, label in LABELS.items():
+        if side not in sides:
+            continue
         r = ratios.get(side, {"peak_rss": 1.0, "end_to_end": 1.0})
         lines.append(f"| {label} | {sides[side]['peak_rss_mib']:,.0f} | {r['peak_rss']:.2f} | "
                      f"{sides[side]['cold_start_s']:.1f} | {sides[side]['load_s']:.1f} | "
@@ -165,7 +176,9 @@ def to_markdown(result: dict) -> str:
         f"{d['sdrt_low_memory_vs_sdrt']['max_abs']:.2e}; tiled vs whole decode max |diff| = "
         f"{d['sdrt_tiled_vs_whole_decode']['max_abs']:.2e}, PSNR {d['sdrt_tiled_vs_whole_decode']['psnr_db']:.1f} dB; "
         f"sdrt vs diffusers max |diff| = {d['sdrt_vs_diffusers']['max_abs']:.2e}, "
-        f"PSNR {d['sdrt_vs_diffusers']['psnr_db']:.1f} dB.",
+        f"PSNR {d['sdrt_vs_diffusers']['psnr_db']:.1f} dB." + (
+            f" int8 vs fp32 (both low-memory): max |diff| = {d['sdrt_int8_vs_fp32']['max_abs']:.2e}, "
+            f"PSNR {d['sdrt_int8_vs_fp32']['psnr_db']:.1f} dB." if "sdrt_int8_vs_fp32" in d else ""),
         "",
         f"Load average (1 min): {result['machine']['load_average_1m']:.2f} at start, "
         f"{result['load_average_1m_after']:.2f} after, on {result['machine']['cpu_cores']} cores.",
@@ -187,7 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--tile-overlap", type=int, default=64, help="tiled side: overlap in px (default 64)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--worker", choices=tuple(SIDES), help=argparse.SUPPRESS)
+    p.add_argument("--int8", type=Path, default=None,
+                   help="also run low-memory mode on this int8 folder (`sdrt quantize` of the same export)")
+    p.add_argument("--worker", choices=tuple(SIDES) + tuple(INT8_SIDE), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
