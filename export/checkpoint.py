@@ -20,6 +20,7 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline": "latent-consistency",
     "StableDiffusionXLPipeline": "stable-diffusion-xl",
     "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLInpaintPipeline": "stable-diffusion-xl",
 }
 SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL checkpoint has beyond SD's folders
 LATER = {

@@ -115,8 +115,7 @@ def cmd_generate(args) -> int:
     else:
         if args.size is not None:
             raise InvalidInputError("--size does not apply with --image: the output has the image's size")
-        from sdrt.runtime.families import image_to_image_pipeline
-        from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
+        from sdrt.runtime.families import image_to_image_pipeline, inpaint_pipeline
 
         picture = _read_picture(args.image, "--image")
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
@@ -127,9 +126,9 @@ def cmd_generate(args) -> int:
             strength = 0.8 if args.strength is None else args.strength
             result = pipe(args.prompt, picture, strength=strength, **common, **_second_prompts(args, pipe))
         else:
-            pipe = StableDiffusionInpaintPipeline.from_pretrained(args.folder, **options)
-            strength = 1.0 if args.strength is None else args.strength
-            result = pipe(args.prompt, picture, mask, strength=strength, **common, **_second_prompts(args, pipe))
+            pipe = inpaint_pipeline(args.folder, **options)
+            strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
+            result = pipe(args.prompt, picture, mask, **strength, **common, **_second_prompts(args, pipe))
     out = Path(args.output)
     paths = [out] if len(result.images) == 1 else [
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
@@ -246,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", default=None, help="img2img: start from this picture (RGB); the output has its size")
     g.add_argument("--strength", type=float, default=None,
-                   help="img2img: how far to move from --image, in (0, 1] (default 0.8; 1.0 with --mask); runs that "
-                        "share of --steps")
+                   help="img2img: how far to move from --image, in (0, 1] (default 0.8; with --mask 1.0, SDXL "
+                        "0.9999); runs that share of --steps")
     g.add_argument("--mask", default=None,
                    help="inpainting: repaint the white part of --image given by this mask (same size; black is kept)")
     g.add_argument("--vae", choices=("full", "taesd"), default="full",

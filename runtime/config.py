@@ -19,7 +19,7 @@ FAMILY_REQUIRED = {"stable-diffusion-xl": ("text_encoder_2",)}  # beyond REQUIRE
 PIPELINES = {"StableDiffusionPipeline": "stable-diffusion", "ORTStableDiffusionPipeline": "stable-diffusion"}
 PIPELINES["LatentConsistencyModelPipeline"] = PIPELINES["ORTLatentConsistencyModelPipeline"] = "latent-consistency"
 PIPELINES["StableDiffusionInpaintPipeline"] = PIPELINES["ORTStableDiffusionInpaintPipeline"] = "stable-diffusion"
-for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
     PIPELINES[_name] = PIPELINES["ORT" + _name] = "stable-diffusion-xl"
 
 

@@ -29,6 +29,8 @@ LOGVAR_RANGE = (-30.0, 20.0)
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """SD 1.x / 2.x image-to-image over ONNX engines (needs the folder's vae_encoder)."""
 
+    strength_in_schedule = False  # LCM's builds its schedule for strength instead of cutting it (Scheduler.plan)
+
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **engine_options):
         require_encoder(folder, select_vae(folder, engine_options.get("vae", "full")))
         super().__init__(folder, provider=provider, scheduler=scheduler, **engine_options)
@@ -68,7 +70,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         pixels = imageio.from_pil(image, vae_scale_factor=self.folder.vae.scale_factor)
         self._check_size(*pixels.shape[2:], subject="image ")
         self._check_image_count(len(pixels), num_prompts, num_images_per_prompt)
-        return pixels, self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta)
+        plan = self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta,
+                                   strength_in_schedule=self.strength_in_schedule)
+        return pixels, plan
 
     def _noised_image_latents(self, pixels: np.ndarray, plan, batch: int, generator, timings: dict) -> np.ndarray:
         """The images' latents (first draw), tiled over the batch, noised to the plan's first timestep (second

@@ -9,13 +9,15 @@ As diffusers' StableDiffusionInpaintPipeline, with the same random draws in the 
 A dedicated inpainting UNet (9 input channels) sees [latents, mask, masked-picture latents] at every
 step. An ordinary UNet (4 channels) denoises the latents alone, and after each step the kept region is
 replaced by the picture's latents noised to the next timestep. The loop is txt2img's
-(`StableDiffusionBase._denoise`) with those two hooks.
+(`StableDiffusionBase._denoise`) with those two hooks. The stages (`_inpaint_inputs`, `_inpaint_latents`,
+`_inpaint_outputs`) serve SDXL's inpainting too (`sdrt.runtime.sdxl_inpaint`).
 """
 
 from __future__ import annotations
 
 import numbers
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,15 +31,37 @@ from sdrt.runtime.pipeline import PipelineOutput
 from sdrt.runtime.rng import make_generator
 
 
+@dataclass(frozen=True)
+class InpaintInputs:
+    """The pictures and masks prepared for the loop: NCHW pixels in [-1, 1], N1HW masks of 0/1 (1 = repaint)."""
+
+    pixels: np.ndarray
+    mask: np.ndarray
+    masked_pixels: np.ndarray  # the pixels with the repainted part set to 0 (grey)
+    height: int  # the processing size
+    width: int
+    crop: tuple | None  # padding_mask_crop's box (x1, y1, x2, y2) in the original picture
+    original: object  # the original PIL picture, with crop
+    mask_picture: object  # the first PIL mask, as given
+
+
+def check_strength(strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+
+
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
     """SD 1.x / 2.x inpainting over ONNX engines, with an inpainting UNet (9 channels) or an ordinary one (4)."""
 
+    family = "stable-diffusion"  # the folders this class inpaints with
+
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, **options):
-        if folder.family != "stable-diffusion" or folder.unet_config.get("time_cond_proj_dim") is not None:
+        if folder.family != self.family or folder.unet_config.get("time_cond_proj_dim") is not None:
             raise UnsupportedConfigError(
                 f"{folder.path} is a {folder.family} model ({folder.pipeline}, UNet time_cond_proj_dim="
                 f"{folder.unet_config.get('time_cond_proj_dim')}); inpainting runs Stable Diffusion 1.x / 2.x "
-                "folders only in this version of sdrt"
+                "folders (StableDiffusionInpaintPipeline) and SDXL ones (sdrt.runtime.sdxl_inpaint) only, and "
+                f"{type(self).__name__} the {self.family} ones: sdrt.runtime.families.inpaint_pipeline picks the class"
             )
         if "vae_encoder" not in folder.components:
             raise ModelFolderError(
@@ -95,28 +119,12 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         height:width ratio) at full resolution, then paste it back into the original picture; one
         image and one mask, output_type "pil" or "uint8".
         guidance_rescale: as txt2img; diffusers' inpainting pipeline has no such option."""
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+        check_strength(strength)
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
                               output_type)
         prompts, negatives = self._prompts(prompt, negative_prompt)
-        pictures, mask_pictures = self._pictures_and_masks(image, mask_image)
-        vae = self.folder.vae
-        if height is None:  # the picture's size rounded down to a multiple of the VAE's factor
-            height = pictures[0].height - pictures[0].height % vae.scale_factor
-        if width is None:
-            width = pictures[0].width - pictures[0].width % vae.scale_factor
-        self._check_size(height, width)
-        crop = None
-        if padding_mask_crop is not None:
-            crop = self._crop_box(padding_mask_crop, pictures, mask_pictures, height, width, output_type)
-            original = pictures[0]
-            pictures = [masks.resize_and_fill(original.crop(crop), width, height)]
-        pixels = imageio.from_pil(pictures, height=height, width=width, vae_scale_factor=vae.scale_factor)
-        mask = masks.preprocess(mask_pictures, height, width, crop)
-        masked_pixels = pixels * (mask < 0.5)  # the repainted part becomes 0 (grey), as diffusers
-        batch = len(prompts) * num_images_per_prompt
-        self._check_image_count(len(masked_pixels), len(prompts), num_images_per_prompt)
+        inputs = self._inpaint_inputs(image, mask_image, height, width, padding_mask_crop, output_type)
+        self._check_image_count(len(inputs.pixels), len(prompts), num_images_per_prompt)
         plan = self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta)
         generator = generator if generator is not None else make_generator(seed, rng)
         timings: dict[str, float] = {}
@@ -124,28 +132,68 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         # 1. Text embeddings.
         embeds = self._embeddings(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, timings)
 
-        # 2. The picture's latents (first draw; a 9-channel UNet at strength 1 does not need them), the
-        #    noise (second draw), and the initial latents, as diffusers' prepare_latents.
+        # 2. The initial latents and the mask's inputs to the loop (three random draws, as diffusers').
+        latents, extra_channels, after_step = self._inpaint_latents(
+            inputs, plan, strength == 1.0, len(prompts) * num_images_per_prompt, generator, timings)
+
+        # 3. Denoise, 4. decode: as txt2img.
+        latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,
+                                progress, timings, extra_channels=extra_channels, after_step=after_step)
+        images, height, width = self._inpaint_outputs(self._decode(latents, output_type, timings), inputs,
+                                                      output_type)
+
+        parameters = self._parameters(prompts, negatives, num_images_per_prompt, generator,
+                                      steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
+                                      height=height, denoising_strength=strength, mask_padding=padding_mask_crop)
+        return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)
+
+    # -- stages shared with SDXL's inpainting (sdrt.runtime.sdxl_inpaint) --------------------------
+
+    def _inpaint_inputs(self, image, mask_image, height, width, padding_mask_crop, output_type) -> InpaintInputs:
+        """Check and prepare the pictures and masks at the processing size (see __call__ for the arguments)."""
+        pictures, mask_pictures = self._pictures_and_masks(image, mask_image)
+        vae = self.folder.vae
+        if height is None:  # the picture's size rounded down to a multiple of the VAE's factor
+            height = pictures[0].height - pictures[0].height % vae.scale_factor
+        if width is None:
+            width = pictures[0].width - pictures[0].width % vae.scale_factor
+        self._check_size(height, width)
+        crop = original = None
+        if padding_mask_crop is not None:
+            crop = self._crop_box(padding_mask_crop, pictures, mask_pictures, height, width, output_type)
+            original = pictures[0]
+            pictures = [masks.resize_and_fill(original.crop(crop), width, height)]
+        pixels = imageio.from_pil(pictures, height=height, width=width, vae_scale_factor=vae.scale_factor)
+        mask = masks.preprocess(mask_pictures, height, width, crop)
+        masked_pixels = pixels * (mask < 0.5)  # the repainted part becomes 0 (grey), as diffusers
+        return InpaintInputs(pixels, mask, masked_pixels, height, width, crop, original, mask_pictures[0])
+
+    def _inpaint_latents(self, inputs: InpaintInputs, plan, full_noise: bool, batch: int, generator,
+                         timings: dict) -> tuple:
+        """(initial latents, extra_channels, after_step) for _denoise, with diffusers' random draws in its order.
+        full_noise: strength is exactly 1 (diffusers' is_strength_max)."""
+        vae = self.folder.vae
+        # The picture's latents (first draw; a 9-channel UNet at strength 1 does not need them), the noise
+        # (second draw), and the initial latents, as diffusers' prepare_latents.
         t0 = time.perf_counter()
         inpainting_unet = self.is_inpainting_unet
-        full_noise = strength == 1.0
-        shape = (batch, vae.latent_channels, height // vae.scale_factor, width // vae.scale_factor)
+        shape = (batch, vae.latent_channels, inputs.height // vae.scale_factor, inputs.width // vae.scale_factor)
         image_latents = None
         if not inpainting_unet or not full_noise:
-            image_latents = _tile(self.encode_image(pixels, generator), batch)
+            image_latents = _tile(self.encode_image(inputs.pixels, generator), batch)
         noise = generator.randn(shape).astype(np.float32)
         if full_noise:
             latents = noise * np.float32(plan.init_noise_sigma)
         else:
             latents = self.scheduler.add_noise(plan, image_latents, noise, 0)
 
-        # 3. The mask at latent size and the masked picture's latents (third draw), as prepare_mask_latents.
-        latent_mask = _tile(masks.to_latent_size(mask, vae.scale_factor), batch)
+        # The mask at latent size and the masked picture's latents (third draw), as prepare_mask_latents.
+        latent_mask = _tile(masks.to_latent_size(inputs.mask, vae.scale_factor), batch)
         if inpainting_unet:
-            masked_latents = _tile(self.encode_image(masked_pixels, generator), batch)
+            masked_latents = _tile(self.encode_image(inputs.masked_pixels, generator), batch)
             extra_channels, after_step = np.concatenate([latent_mask, masked_latents], axis=1), None
         else:
-            generator.randn((len(masked_pixels), *shape[1:]))  # diffusers samples them, then leaves them unused
+            generator.randn((len(inputs.masked_pixels), *shape[1:]))  # diffusers samples them, then leaves them unused
             extra_channels = None
 
             def after_step(i: int, latents: np.ndarray) -> np.ndarray:
@@ -155,19 +203,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                     known = self.scheduler.add_noise(plan, image_latents, noise, i + 1)
                 return (1 - latent_mask) * known + latent_mask * latents
         timings["vae_encoder"] = time.perf_counter() - t0
+        return latents, extra_channels, after_step
 
-        # 4. Denoise, 5. decode: as txt2img.
-        latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,
-                                progress, timings, extra_channels=extra_channels, after_step=after_step)
-        images = self._decode(latents, output_type, timings)
-        if crop is not None:
-            images = self._paste_back(images, mask_pictures[0], original, crop, output_type)
-            height, width = original.height, original.width
-
-        parameters = self._parameters(prompts, negatives, num_images_per_prompt, generator,
-                                      steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
-                                      height=height, denoising_strength=strength, mask_padding=padding_mask_crop)
-        return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)
+    def _inpaint_outputs(self, images, inputs: InpaintInputs, output_type: str) -> tuple:
+        """(images, height, width): with padding_mask_crop, the repainted box pasted back into the original."""
+        if inputs.crop is None:
+            return images, inputs.height, inputs.width
+        images = self._paste_back(images, inputs.mask_picture, inputs.original, inputs.crop, output_type)
+        return images, inputs.original.height, inputs.original.width
 
     # -- inputs ---------------------------------------------------------------------------------
 

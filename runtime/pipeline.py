@@ -63,7 +63,7 @@ class StableDiffusionBase:
         if folder.unet_config.get("time_cond_proj_dim") is not None and not self.uses_timestep_cond:
             raise UnsupportedConfigError(
                 f"{folder.path} is a Latent Consistency Model (its UNet takes a guidance embedding): run it with "
-                "sdrt.runtime.lcm.LatentConsistencyPipeline (sdrt generate picks it); LCM img2img is not supported yet"
+                "sdrt.runtime.lcm.LatentConsistencyPipeline / LatentConsistencyImg2ImgPipeline (sdrt generate picks it)"
             )
         if "text_encoder_2" in folder.components and not self.uses_text_encoder_2:
             raise UnsupportedConfigError(
@@ -126,7 +126,8 @@ class StableDiffusionBase:
             raise UnsupportedConfigError(
                 f"{folder.path}: the UNet takes {in_channels} input channels, not the VAE's "
                 f"{folder.vae.latent_channels} latent channels: an inpainting model; run it with "
-                "sdrt.runtime.inpaint.StableDiffusionInpaintPipeline (sdrt generate --image PICTURE --mask MASK)"
+                "sdrt.runtime.families.inpaint_pipeline, which picks StableDiffusion(XL)InpaintPipeline (sdrt "
+                "generate --image PICTURE --mask MASK)"
             )
 
     def _check_size(self, height: int, width: int, subject: str = "") -> None:

@@ -40,9 +40,11 @@ class LCMCoefficients:
     clip_sample_range: float | None
 
 
-def lcm_timesteps(num_train_timesteps: int, original_inference_steps: int, n: int) -> np.ndarray:
-    """n of the distillation schedule's `original_inference_steps` timesteps (k - 1, 2k - 1, ... with
-    k = N // original), evenly spaced by index from the noisiest."""
+def lcm_timesteps(num_train_timesteps: int, original_inference_steps: int, n: int,
+                  strength: float = 1.0) -> np.ndarray:
+    """n of the distillation schedule's first int(original_inference_steps * strength) timesteps (k - 1,
+    2k - 1, ... with k = N // original), evenly spaced by index from the noisiest: diffusers'
+    LCMScheduler.set_timesteps(n, strength=); strength < 1 (img2img) starts lower on the same grid."""
     if original_inference_steps > num_train_timesteps:
         raise InvalidInputError(
             f"original_inference_steps={original_inference_steps} exceeds num_train_timesteps={num_train_timesteps}"
@@ -51,15 +53,34 @@ def lcm_timesteps(num_train_timesteps: int, original_inference_steps: int, n: in
         raise InvalidInputError(
             f"num_inference_steps={n} exceeds the LCM's original_inference_steps={original_inference_steps}"
         )
+    kept = int(original_inference_steps * strength)
+    if n > kept:
+        raise InvalidInputError(
+            f"num_inference_steps={n} exceeds the {kept} distillation timesteps that strength={strength} keeps "
+            f"(int(original_inference_steps={original_inference_steps} x strength)); lower num_inference_steps "
+            f"or raise strength to at least {n / original_inference_steps:g}"
+        )
     k = num_train_timesteps // original_inference_steps
-    origin = (np.arange(1, original_inference_steps + 1) * k - 1)[::-1]
+    origin = (np.arange(1, kept + 1) * k - 1)[::-1]
     indices = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
     return origin[indices].astype(np.int64)
 
 
 def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int) -> Plan:
-    n = num_inference_steps
-    timesteps = lcm_timesteps(config.num_train_timesteps, config.original_inference_steps, n)
+    timesteps = lcm_timesteps(config.num_train_timesteps, config.original_inference_steps, num_inference_steps)
+    return plan_for(config, timesteps, start)
+
+
+def make_strength_plan(config: SchedulerConfig, num_inference_steps: int, strength: float) -> Plan:
+    """All n steps over the schedule built for `strength` (LatentConsistencyModelImg2ImgPipeline's)."""
+    timesteps = lcm_timesteps(config.num_train_timesteps, config.original_inference_steps, num_inference_steps,
+                              strength)
+    return plan_for(config, timesteps, 0)
+
+
+def plan_for(config: SchedulerConfig, timesteps: np.ndarray, start: int) -> Plan:
+    """The plan sampling at `timesteps`, without its first `start` evaluations."""
+    n = len(timesteps)
     alphas_cumprod = training_alphas_cumprod(config)
     ac = alphas_cumprod.astype(F32)
     next_timesteps = np.concatenate([timesteps[1:], timesteps[-1:]])  # the last step stays put (no re-noising)
@@ -103,4 +124,5 @@ LCM = Solver(
     },
     make_plan=make_plan,
     step=step,
+    make_strength_plan=make_strength_plan,
 )

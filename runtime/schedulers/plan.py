@@ -55,6 +55,9 @@ class Solver:
     implemented: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     evaluations_per_step: int = 1  # diffusers' `order`: model evaluations per step (Heun: 2)
     accepts_eta: bool = False  # DDIM's eta; other solvers refuse eta != 0
+    # (config, steps, strength) -> the plan of a schedule built for img2img's strength, all steps run (diffusers'
+    # set_timesteps(n, strength=), LCM's); None: the solver only cuts its schedule short (`truncate`).
+    make_strength_plan: Callable[[SchedulerConfig, int, float], Plan] | None = None
 
 
 def frozen(array: np.ndarray) -> np.ndarray:

@@ -37,11 +37,15 @@ class Scheduler:
         """Model evaluations per solver step (diffusers' `order`; Heun: 2)."""
         return self.solver.evaluations_per_step
 
-    def plan(self, num_inference_steps: int, *, strength: float | None = None, eta: float = 0.0) -> Plan:
+    def plan(self, num_inference_steps: int, *, strength: float | None = None, eta: float = 0.0,
+             strength_in_schedule: bool = False) -> Plan:
         """Precompute a sampling run of `num_inference_steps` steps.
 
         strength: img2img, as diffusers' img2img pipelines: keep the last int(n * strength) steps.
         eta: DDIM's noise weight (0 deterministic, 1 DDPM-like); other solvers accept only 0.
+        strength_in_schedule: instead, build the schedule for strength and run all n steps, as diffusers'
+        LatentConsistencyModelImg2ImgPipeline does (LCMScheduler.set_timesteps(n, strength=)); only solvers
+        with such a schedule (lcm) take it. diffusers' StableDiffusionImg2ImgPipeline cuts even LCM's schedule.
         """
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -58,11 +62,22 @@ class Scheduler:
         if strength is not None:
             if not 0 < strength <= 1:
                 raise InvalidInputError(f"strength must be in (0, 1], got {strength!r}")
+            if strength_in_schedule:
+                return replace(self._strength_plan(int(n), float(strength)), solver=self.name)
             start_step = max(n - min(int(n * strength), n), 0)
             if start_step >= n:
                 raise InvalidInputError(f"strength={strength} with {n} steps leaves no step to run; raise either")
         plan = self.solver.make_plan(self.config, int(n), float(eta), start_step * self.solver.evaluations_per_step)
         return replace(plan, solver=self.name, num_inference_steps=int(n) - start_step)
+
+    def _strength_plan(self, n: int, strength: float) -> Plan:
+        if self.solver.make_strength_plan is None:
+            raise InvalidInputError(
+                f"the {self.name} scheduler has no schedule built for an img2img strength (diffusers' "
+                f"{self.solver.diffusers_class}.set_timesteps takes none); LCM img2img samples with lcm: leave the "
+                "scheduler option out"
+            )
+        return self.solver.make_strength_plan(self.config, n, strength)
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         """The UNet input at evaluation i (sigma-view solvers divide by sqrt(sigma^2 + 1))."""

@@ -1,0 +1,155 @@
+"""SDXL inpainting parity: sdrt's StableDiffusionXLInpaintPipeline on exported tiny SDXL folders vs diffusers'
+StableDiffusionXLInpaintPipeline on the same checkpoints, pictures, masks and seeds, for the base model's
+ordinary UNet (4 channels, blending) and a dedicated inpainting UNet (9 channels); bad inputs; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from reference import reference
+from test_img2img import picture
+from test_inpaint import mask
+
+from sdrt.export.api import export_pipeline
+from sdrt.export.fixtures_inpaint import save_tiny_xl_inpaint_pipeline
+from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
+from sdrt.runtime.cli import main
+from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
+from sdrt.runtime.families import inpaint_pipeline
+from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
+from sdrt.runtime.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from sdrt.runtime.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k!"]
+STEPS = 5  # strength 0.9999 runs 4 steps, 0.6 runs 3
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """"base": the SDXL base checkpoint (4-channel UNet); "inpaint": a dedicated SDXL inpainting one (9 channels)."""
+    root = tmp_path_factory.mktemp("sdxl-inpaint-checkpoints")
+    return {"base": save_tiny_xl_pipeline(root / "base"), "inpaint": save_tiny_xl_inpaint_pipeline(root / "inpaint")}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sdxl-inpaint-exported")
+    return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def reference_pipes(checkpoints) -> dict:
+    pipes = {}
+    for name, path in checkpoints.items():
+        pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(path, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[name] = (pipe, pipe.scheduler)
+    return pipes
+
+
+def test_the_family_picks_the_sdxl_inpainting_class(models):
+    for name, nine_channels in (("base", False), ("inpaint", True)):
+        pipe = inpaint_pipeline(models[name])
+        assert type(pipe) is StableDiffusionXLInpaintPipeline and pipe.is_inpainting_unet is nine_channels
+    folder = json.loads((models["inpaint"] / "model_index.json").read_text())
+    assert folder["_class_name"] == "StableDiffusionXLInpaintPipeline"
+    assert inpaint_pipeline(models["inpaint"]).folder.spec("unet").inputs[0].shape[1] == 9
+
+
+# (model, scheduler, arguments); no strength means diffusers' default, 0.9999 (not pure noise).
+CASES = [
+    ("base", None, dict(prompt=PROMPTS[0], mask_image=mask(soft=True))),
+    ("base", None, dict(prompt=PROMPTS[1], guidance_scale=1.0, strength=0.6, mask_image=mask())),
+    ("base", "euler-a", dict(prompt=PROMPTS[0], strength=1.0, negative_prompt="blurry", mask_image=mask())),
+    ("base", "dpm++2m-karras", dict(prompt=PROMPTS, prompt_2=["oil painting", "photo"], strength=0.6,
+                                    num_images_per_prompt=2, guidance_rescale=0.5, mask_image=mask(soft=True))),
+    ("inpaint", None, dict(prompt=PROMPTS[0], mask_image=mask())),
+    ("inpaint", None, dict(prompt=PROMPTS[1], guidance_scale=1.0, strength=1.0, mask_image=mask(soft=True))),
+    ("inpaint", "euler-a", dict(prompt=PROMPTS[0], strength=0.6, negative_prompt="blurry", guidance_scale=6.0,
+                                original_size=(128, 96), crops_coords_top_left=(8, 4), mask_image=mask())),
+]
+
+
+@pytest.mark.parametrize("model,scheduler,kwargs", CASES,
+                         ids=[f"{m}-{s or 'default'}-{k.get('strength', 'default')}-{i}"
+                              for i, (m, s, k) in enumerate(CASES)])
+def test_images_match_diffusers(reference_pipes, models, model, scheduler, kwargs):
+    arguments = dict(image=picture(), num_inference_steps=STEPS, height=64, width=64, **kwargs)
+    expected = reference(reference_pipes[model], scheduler, 1234, **arguments)
+    got = StableDiffusionXLInpaintPipeline.from_pretrained(models[model], scheduler=scheduler)(
+        seed=1234, output_type="np", **arguments).images
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_non_square_picture_and_kept_region(reference_pipes, models):
+    """sdrt sizes the output from the picture (diffusers from height/width); the blend keeps the black part."""
+    image, area = picture(96, 64), mask(96, 64, shift=30)
+    arguments = dict(prompt=PROMPTS[1], image=image, mask_image=area, strength=0.6, num_inference_steps=STEPS)
+    expected = reference(reference_pipes["base"], None, 7, height=64, width=96, **arguments)
+    got = StableDiffusionXLInpaintPipeline.from_pretrained(models["base"])(seed=7, output_type="np",
+                                                                           **arguments).images
+    assert got.shape == expected.shape == (1, 64, 96, 3)
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_padding_mask_crop_matches_diffusers(reference_pipes, models):
+    """Repaint a box around the mask at full resolution, paste it back: only PIL output in diffusers."""
+    image = picture(128, 96)
+    crop_mask = Image.new("L", (128, 96), 0)
+    ImageDraw.Draw(crop_mask).ellipse((80, 50, 110, 76), fill=255)
+    arguments = dict(prompt=PROMPTS[0], image=image, mask_image=crop_mask, padding_mask_crop=6,
+                     num_inference_steps=STEPS, height=64, width=64)
+    pipe, original = reference_pipes["inpaint"]
+    pipe.scheduler = original
+    expected = pipe(generator=torch.Generator("cpu").manual_seed(3), **arguments).images[0]
+    got = StableDiffusionXLInpaintPipeline.from_pretrained(models["inpaint"])(seed=3, **arguments).images[0]
+    assert got.size == expected.size == (128, 96)
+    difference = np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int))
+    assert difference.max() <= 1  # uint8 rounding of values within 1e-3
+    outside = np.asarray(crop_mask) == 0  # the original picture, untouched, wherever the mask is black
+    assert np.array_equal(np.asarray(got)[outside], np.asarray(image)[outside])
+
+
+def test_bad_inputs_are_refused(models):
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(models["base"])
+    with pytest.raises(InvalidInputError, match="mask is 32x32 but image 0 is 64x64"):
+        pipe(PROMPTS[0], picture(), mask(32, 32), num_inference_steps=2)
+    with pytest.raises(InvalidInputError, match=r"strength must be a number in \(0, 1\]"):
+        pipe(PROMPTS[0], picture(), mask(), strength=1.5, num_inference_steps=2)
+    with pytest.raises(InvalidInputError, match="prompt_2 has 2 entries but prompt has 1"):
+        pipe(PROMPTS[0], picture(), mask(), prompt_2=["a", "b"], num_inference_steps=2)
+    with pytest.raises(UnsupportedConfigError, match="is a stable-diffusion-xl model.*families.inpaint_pipeline"):
+        StableDiffusionInpaintPipeline.from_pretrained(models["base"])
+
+
+@pytest.mark.parametrize("cls", [StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline])
+def test_the_inpainting_unet_is_refused_by_the_other_sdxl_pipelines(models, cls):
+    with pytest.raises(UnsupportedConfigError, match="takes 9 input channels.*families.inpaint_pipeline"):
+        cls.from_pretrained(models["inpaint"])
+
+
+def test_generate_with_mask_on_an_sdxl_folder(models, tmp_path, capsys):
+    """`sdrt generate --image --mask` picks the SDXL class and its default strength (0.9999)."""
+    source, mask_path, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    picture(64, 80).save(source)
+    mask(64, 80).save(mask_path)
+    rc = main(["generate", str(models["base"]), PROMPTS[0], "--image", str(source), "--mask", str(mask_path),
+               "--prompt-2", "oil painting", "-o", str(out), "--steps", "4", "--seed", "3", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (64, 80)
+        text = im.text["parameters"]
+        pixels = np.asarray(im.convert("RGB"))
+    assert "Denoising strength: 0.9999" in text and "Seed: 3" in text
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(models["base"])
+    expected = pipe(PROMPTS[0], picture(64, 80), mask(64, 80), prompt_2="oil painting", num_inference_steps=4,
+                    guidance_scale=7.5, seed=3, output_type="uint8").images[0]
+    assert np.array_equal(pixels, expected)
