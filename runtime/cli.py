@@ -97,10 +97,12 @@ def cmd_generate(args) -> int:
     from sdrt.runtime.errors import InvalidInputError
 
     common = dict(
-        negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        negative_prompt=args.negative, num_inference_steps=args.steps,
         num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng, output_type="pil",
         progress=not args.quiet,
     )
+    if args.guidance is not None:  # default: the pipeline's (SD 7.5, SDXL 5.0, LCM 8.5, as diffusers)
+        common["guidance_scale"] = args.guidance
     if args.image is None:
         if args.strength is not None:
             raise InvalidInputError("--strength applies only with --image (img2img)")
@@ -123,8 +125,8 @@ def cmd_generate(args) -> int:
                        vae=args.vae, **_memory_options(args))
         if mask is None:
             pipe = image_to_image_pipeline(args.folder, **options)
-            strength = 0.8 if args.strength is None else args.strength
-            result = pipe(args.prompt, picture, strength=strength, **common, **_second_prompts(args, pipe))
+            strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
+            result = pipe(args.prompt, picture, **strength, **common, **_second_prompts(args, pipe))
         else:
             pipe = inpaint_pipeline(args.folder, **options)
             strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
@@ -238,15 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT)")
     g.add_argument("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the pipeline's, as diffusers: SD 7.5, SDXL 5.0, LCM 8.5)")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--image", default=None, help="img2img: start from this picture (RGB); the output has its size")
     g.add_argument("--strength", type=float, default=None,
-                   help="img2img: how far to move from --image, in (0, 1] (default 0.8; with --mask 1.0, SDXL "
-                        "0.9999); runs that share of --steps")
+                   help="img2img: how far to move from --image, in (0, 1] (default: the pipeline's, as diffusers: "
+                        "0.8, SDXL 0.3; with --mask 1.0, SDXL 0.9999); runs that share of --steps")
     g.add_argument("--mask", default=None,
                    help="inpainting: repaint the white part of --image given by this mask (same size; black is kept)")
     g.add_argument("--vae", choices=("full", "taesd"), default="full",
@@ -275,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="demo.png")
     d.add_argument("--model", default=None, help="an exported folder (default: the bundled demo model)")
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--guidance", type=float, default=3.0, help="the demo model follows prompts best at 2-3")
+    d.add_argument("--guidance", type=float, default=3.0, help="guidance scale (the demo model follows prompts well at 3-7)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scheduler", default=None)
     d.add_argument("--provider", default="cpu")

@@ -282,6 +282,8 @@ def test_cli_generates_with_prompt_2(xl_exported, tmp_path, capsys):
 
     with Image.open(out) as image:
         assert image.size == (96, 64)
+        params = image.text["parameters"]
+        assert "CFG scale: 5" in params and "CFG scale: 7.5" not in params, params  # SDXL default, as diffusers
     code = main(["generate", str(xl_exported["base"]), PROMPTS[0], "--image", str(out), "--strength", "0.5",
                  "--steps", "4", "-o", str(tmp_path / "i2i.png"), "-q"])
     assert code == 0, capsys.readouterr().err
