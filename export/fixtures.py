@@ -33,10 +33,23 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
                          model_max_length=77)
 
 
+def tiny_vae(seed: int, **config):
+    """The tiny fixtures' AutoencoderKL (8x downsampling, 4 latent channels), seeded; `config` adds to it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=4, sample_size=64, **config,
+    )
+
+
 def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
     """A StableDiffusionPipeline with tiny random weights (seeded)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if flavour not in FLAVOURS:
@@ -58,18 +71,7 @@ def tiny_pipeline(flavour: str = "sd1", seed: int = 0):
         use_linear_projection=sd2,
         norm_num_groups=4,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.13025 if sd2 else 0.18215,
-    )
+    vae = tiny_vae(seed, scaling_factor=0.13025 if sd2 else 0.18215)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if sd2 else 49407,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdrt.export.fixtures import clip_tokenizer
+from sdrt.export.fixtures import clip_tokenizer, tiny_vae
 
 HIDDEN, HIDDEN_2, PROJECTION_2, TIME_EMBED = 32, 48, 24, 8
 
@@ -21,7 +21,7 @@ def tiny_xl_components(seed: int = 0, aesthetics: bool = False) -> dict:
     """The modules of a tiny StableDiffusionXLPipeline (seeded), as keyword arguments of its constructor.
     aesthetics: a UNet that takes 5 time ids (an aesthetic score instead of the target size), as the refiner's."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -42,19 +42,7 @@ def tiny_xl_components(seed: int = 0, aesthetics: bool = False) -> dict:
         cross_attention_dim=HIDDEN + HIDDEN_2,
         norm_num_groups=4,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(seed, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=HIDDEN,
