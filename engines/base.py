@@ -14,7 +14,8 @@ class Engine:
 
     `run(feed)` returns new arrays the caller owns; the engine never hands out a buffer that a later
     call overwrites. The lifecycle is explicit: `load()` (also done by the first `run`), `warmup()`,
-    `release()`; an engine is also a context manager that releases on exit.
+    `release()`; an engine is also a context manager that releases on exit. `device_resident(inputs)`
+    keeps inputs that many calls share (a generation's text conditioning) on the engine's device.
     """
 
     spec: NetworkSpec | None = None
@@ -32,11 +33,25 @@ class Engine:
     def output_names(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def provider_name(self) -> str:
+        """What runs the network, as `--provider` names it (cpu, cuda, tensorrt-ep, tensorrt, ...); loads it."""
+        raise NotImplementedError
+
     def load(self) -> None:
         raise NotImplementedError
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def device_resident(self, inputs: Mapping[str, np.ndarray]) -> dict:
+        """`inputs` made ready for many `run` calls: pass the returned values in later feeds instead of the arrays.
+
+        An engine that keeps tensors on a device uploads them here, once (onnxruntime with IO binding),
+        or copies them into its fixed input buffers when first run (sdrt.engines.resident). This
+        default, for engines that take host arrays, returns the arrays unchanged.
+        """
+        return dict(inputs)
 
     def release(self) -> None:
         raise NotImplementedError

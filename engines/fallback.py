@@ -64,6 +64,10 @@ class FiniteOrFallback(Engine):
     def output_names(self):
         return self.primary.output_names
 
+    @property
+    def provider_name(self) -> str:
+        return self.primary.provider_name
+
     def load(self) -> None:
         self.primary.load()
 

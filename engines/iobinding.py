@@ -5,9 +5,11 @@ with `run_with_iobinding`. Output OrtValues are allocated once per output shape 
 calls, when the network's spec gives output shapes; otherwise onnxruntime allocates them.
 
 With `fixed=True` the inputs are copied into persistent OrtValues too (`update_inplace`), so every
-call uses the same device addresses: what onnxruntime's CUDA graph capture needs. The first feed's
-shapes are then the fixed ones; `accepts(shapes)` says whether a feed has them, and the engine
-sends other shapes elsewhere (see OrtEngine).
+call uses the same device addresses: what onnxruntime's CUDA graph capture needs. A `Resident`
+input (sdrt.engines.resident) is copied in only when its buffer holds something else; an OrtValue
+input is bound as it is, and must then stay at one address from call to call. The first feed's
+shapes are the fixed ones; `accepts(shapes)` says whether a feed has them, and the engine sends
+other shapes elsewhere (see OrtEngine).
 
 The same code runs on the CPU provider (device "cpu"), where tests check it against plain
 `session.run`; on CUDA it keeps tensors on the GPU between calls of `run_ortvalues`.
@@ -19,7 +21,9 @@ from typing import Mapping
 
 import numpy as np
 
+from sdrt.engines.errors import EngineError
 from sdrt.engines.profiles import dims_from_shapes
+from sdrt.engines.resident import BufferContents
 from sdrt.engines.spec import NetworkSpec
 
 
@@ -35,6 +39,8 @@ class BoundRunner:
         self.fixed = fixed
         self.binding = session.io_binding()
         self.inputs: dict = {}  # name -> persistent OrtValue (fixed mode)
+        self.contents = BufferContents()  # which Resident each persistent input holds (fixed mode)
+        self.addresses: dict[str, int] = {}  # name -> the device address every call binds (fixed mode)
         self.outputs: dict = {}  # name -> reused OrtValue
         self.fixed_shapes: dict | None = None
 
@@ -42,8 +48,12 @@ class BoundRunner:
         return not self.fixed or self.fixed_shapes is None or dict(shapes) == self.fixed_shapes
 
     def ortvalue(self, array: np.ndarray):
-        """A new OrtValue on this runner's device holding a copy of `array`."""
-        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+        """A new OrtValue on this runner's device holding a copy of `array`.
+
+        On the CPU onnxruntime would wrap the array's own memory, and a fixed buffer's `update_inplace`
+        would then overwrite the caller's array: copy it first."""
+        array = np.array(array, order="C", copy=True) if self.device == "cpu" else np.ascontiguousarray(array)
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
 
     def _output_shapes(self, shapes: Mapping[str, tuple]) -> dict | None:
         if self.spec is None:
@@ -57,18 +67,36 @@ class BoundRunner:
     def _bind_inputs(self, feed: Mapping, shapes: dict) -> None:
         for name, value in feed.items():
             if isinstance(value, self._ort.OrtValue):
+                if self.fixed:
+                    self._check_address(name, value.data_ptr())
                 self.binding.bind_ortvalue_input(name, value)
             elif self.fixed:
-                held = self.inputs.get(name)
-                if held is None:
-                    held = self.inputs[name] = self.ortvalue(value)
-                    self.binding.bind_ortvalue_input(name, held)
-                else:
-                    held.update_inplace(np.ascontiguousarray(value))  # same address: a captured graph stays valid
+                if self.contents.needs_copy(name, value):
+                    self._copy_in(name, np.asarray(value))
             elif self.device == "cpu":
-                self.binding.bind_cpu_input(name, value)
+                self.binding.bind_cpu_input(name, np.asarray(value))
             else:
-                self.binding.bind_ortvalue_input(name, self.ortvalue(value))
+                self.binding.bind_ortvalue_input(name, self.ortvalue(np.asarray(value)))
+
+    def _copy_in(self, name: str, array: np.ndarray) -> None:
+        """Fixed mode: copy `array` into the input's persistent OrtValue (made and bound on first use)."""
+        held = self.inputs.get(name)
+        if held is None:
+            held = self.inputs[name] = self.ortvalue(array)
+            self._check_address(name, held.data_ptr())
+            self.binding.bind_ortvalue_input(name, held)
+        else:
+            held.update_inplace(np.ascontiguousarray(array))  # same address: a captured graph stays valid
+
+    def _check_address(self, name: str, address: int) -> None:
+        """Fixed mode: every call must bind `name` at the address of the first (a captured CUDA graph reads it)."""
+        first = self.addresses.setdefault(name, address)
+        if address != first:
+            raise EngineError(
+                f"input {name!r} moved to another device address, which a captured CUDA graph would not see "
+                "(fixed_shapes / cuda_graph bind every input at one address): pass host arrays or the values "
+                "of the engine's device_resident(), which are copied into the fixed buffers, or the same OrtValue "
+                "every call")
 
     def _bind_outputs(self, shapes: dict) -> None:
         out_shapes = self._output_shapes(shapes)

@@ -13,6 +13,7 @@ import numpy as np
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
 from sdrt.engines.iobinding import BoundRunner
+from sdrt.engines.resident import Resident
 from sdrt.engines.spec import NetworkSpec
 
 _ONNX_DTYPES = {
@@ -34,6 +35,11 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
 }
+
+
+def short_name(provider: str) -> str:
+    """The name users type for an onnxruntime provider (cpu, cuda, tensorrt-ep, ...), else its full name."""
+    return next((short for short, full in PROVIDER_ALIASES.items() if full == provider), provider)
 
 
 def _import_onnxruntime():
@@ -117,9 +123,12 @@ class OrtEngine(Engine):
 
     io_binding: bind inputs and outputs as OrtValues on the provider's device and reuse output
       buffers across calls (`run` still returns arrays the caller owns; `run_ortvalues` keeps
-      inputs and outputs on the device between calls).
+      inputs and outputs on the device between calls; `device_resident` uploads inputs that many
+      calls share once, as OrtValues).
     fixed_shapes: also copy inputs into persistent buffers, so every call uses the same addresses;
       the first feed's shapes are the fixed ones, and other shapes run in a second, plain session.
+      `device_resident` values are then copied into those buffers, and only when a buffer holds
+      another value (sdrt.engines.resident).
     cuda_graph: fixed_shapes plus onnxruntime's CUDA graph capture (CUDA / TensorRT providers only).
     """
 
@@ -188,13 +197,20 @@ class OrtEngine(Engine):
     def output_names(self) -> list[str]:
         return [o.name for o in self._loaded_session.get_outputs()]
 
+    @property
+    def provider_name(self) -> str:
+        """The provider the loaded session runs on first (onnxruntime drops one that fails to start)."""
+        return short_name(self._loaded_session.get_providers()[0])
+
     def _inputs(self, feed: Mapping[str, Any]) -> dict[str, Any]:
-        """The feed checked for completeness, arrays cast to the network's dtypes (OrtValues as given)."""
-        ort, dtypes = _import_onnxruntime(), self.input_dtypes
+        """The feed checked for completeness, arrays cast to the network's dtypes (device values, with IO binding,
+        as given)."""
+        dtypes = self.input_dtypes
         missing = [n for n in dtypes if n not in feed]
         if missing:
             raise EngineError(f"{self.path}: feed lacks inputs {missing}")
-        return {n: feed[n] if isinstance(feed[n], ort.OrtValue) else np.ascontiguousarray(feed[n], dtype=dtypes[n])
+        kept = (_import_onnxruntime().OrtValue, Resident) if self.io_binding else ()
+        return {n: feed[n] if isinstance(feed[n], kept) else np.ascontiguousarray(feed[n], dtype=dtypes[n])
                 for n in dtypes}
 
     def _bound(self) -> BoundRunner:
@@ -224,7 +240,7 @@ class OrtEngine(Engine):
             raise EngineError("run_ortvalues needs an engine made with io_binding=True")
         inputs = self._inputs(feed)
         runner = self._bound()
-        shapes = {n: tuple(v.shape()) if not isinstance(v, np.ndarray) else v.shape for n, v in inputs.items()}
+        shapes = {n: tuple(v.shape()) if callable(v.shape) else v.shape for n, v in inputs.items()}
         if not runner.accepts(shapes):
             return self._for_other_shapes(shapes).run_ortvalues(inputs)
         try:
@@ -235,6 +251,21 @@ class OrtEngine(Engine):
     def to_device(self, array: np.ndarray):
         """An OrtValue on this engine's device holding a copy of `array` (e.g. text embeddings kept across steps)."""
         return self._bound().ortvalue(array)
+
+    def device_resident(self, inputs: Mapping[str, np.ndarray]) -> dict:
+        """Without IO binding: the arrays, unchanged. With it: OrtValues uploaded now, bound by every later call;
+        with fixed shapes: `Resident` values, copied into the fixed input buffers (a captured CUDA graph reads
+        those addresses) when a buffer holds another value."""
+        if not self.io_binding:
+            return dict(inputs)
+        dtypes = self.input_dtypes
+        unknown = sorted(set(inputs) - set(dtypes))
+        if unknown:
+            raise EngineError(f"{self.path}: the network has no inputs {unknown} (it takes {sorted(dtypes)})")
+        arrays = {n: np.ascontiguousarray(a, dtype=dtypes[n]) for n, a in inputs.items()}
+        if self.fixed_shapes:
+            return {n: Resident(a) for n, a in arrays.items()}
+        return {n: self.to_device(a) for n, a in arrays.items()}
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.io_binding:

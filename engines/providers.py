@@ -6,6 +6,9 @@ by its full name, or a comma-separated list of onnxruntime providers in priority
 that is not installed fails with the extra to install. With `allow_fallback=True` a backend that is
 missing or fails to build or load is replaced by the next one down tensorrt / tensorrt-ep -> cuda
 -> cpu, with a warning saying why; without it, the error is raised.
+
+IO binding is on by default where it pays: onnxruntime on a GPU (cuda, tensorrt-ep), where it keeps
+tensors on the device between calls (`Engine.device_resident`); `io_binding=False` turns it off.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Any, Sequence
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import EngineError
 from sdrt.engines.onnxruntime import PROVIDER_ALIASES as SHORT_NAMES  # short name -> onnxruntime provider
+from sdrt.engines.onnxruntime import short_name
 
 NATIVE = ("tensorrt", "trt")
 FALLBACKS = {"tensorrt": ("cuda", "cpu"), "tensorrt-ep": ("cuda", "cpu"), "cuda": ("cpu",)}
 ENGINE_OPTIONS = ("io_binding", "fixed_shapes", "cuda_graph")
+IO_BINDING_BY_DEFAULT = ("cuda", "tensorrt-ep")  # onnxruntime on a GPU: tensors stay on the device between calls
 TENSORRT_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib", "build", "optimization_level")
 TENSORRT_EP_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib")
 
@@ -39,13 +44,6 @@ class ProviderChoice:
     device_id: int = 0
 
 
-def _short(name: str) -> str:
-    for short, full in SHORT_NAMES.items():
-        if full == name and short != "trt-ep":
-            return short
-    return name
-
-
 def _entry(item: str) -> tuple[str, int | None]:
     name, _, device = item.strip().partition(":")
     if device and not device.isdigit():
@@ -62,7 +60,7 @@ def parse_provider(provider: str | Sequence[Any]) -> ProviderChoice:
         names = [SHORT_NAMES.get(e, e) if isinstance(e, str) else (SHORT_NAMES.get(e[0], e[0]), dict(e[1]))
                  for e in entries]
         first = names[0] if isinstance(names[0], str) else names[0][0]
-        return ProviderChoice(_short(first), "onnxruntime", tuple(names))
+        return ProviderChoice(short_name(first), "onnxruntime", tuple(names))
     items = [_entry(item) for item in provider.split(",")]
     if any(name.lower() in NATIVE for name, _ in items):
         if len(items) > 1:
@@ -77,13 +75,14 @@ def parse_provider(provider: str | Sequence[Any]) -> ProviderChoice:
                 "or an onnxruntime provider's full name such as CUDAExecutionProvider")
         entries.append(full if device is None else (full, {"device_id": device}))
     first = entries[0] if isinstance(entries[0], str) else entries[0][0]
-    return ProviderChoice(_short(first), "onnxruntime", tuple(entries), items[0][1] or 0)
+    return ProviderChoice(short_name(first), "onnxruntime", tuple(entries), items[0][1] or 0)
 
 
 def create_engine(path, spec=None, provider="cpu", *, allow_fallback: bool = False, **options) -> Engine:
     """Open the network at `path` with the backend `provider` names (see the module docstring).
 
-    options: io_binding / fixed_shapes / cuda_graph (engine), precision / profile / cache_dir /
+    options: io_binding (None, the default: on for onnxruntime on a GPU) / fixed_shapes / cuda_graph
+    (engine), precision / profile / cache_dir /
     workspace_mib (TensorRT backends; build and optimization_level native only), session_options or
     SessionOptions fields (onnxruntime).
     """
@@ -127,8 +126,16 @@ def _for_fallback(choice: ProviderChoice, options: dict) -> dict:
     return keep
 
 
-def _create(path, spec, choice: ProviderChoice, options: dict) -> Engine:
+def engine_options_for(choice: ProviderChoice, options: dict) -> dict:
+    """Pop the engine options from `options`; io_binding None (or absent) becomes this backend's default."""
     engine_kw = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
+    if engine_kw.get("io_binding") is None:
+        engine_kw["io_binding"] = choice.backend == "onnxruntime" and choice.kind in IO_BINDING_BY_DEFAULT
+    return engine_kw
+
+
+def _create(path, spec, choice: ProviderChoice, options: dict) -> Engine:
+    engine_kw = engine_options_for(choice, options)
     trt_kw = {k: options.pop(k) for k in TENSORRT_OPTIONS if k in options}
     if choice.backend == "tensorrt":
         from sdrt.engines.cudart import import_cudart

@@ -8,7 +8,9 @@
   A feed outside every loaded plan's profile picks another cached plan or builds one; a plan file
   built for another GPU, TensorRT version, ONNX file or precision is refused with the fields named.
 - Run: device buffers, a stream and optional CUDA graph replay through cuda-python (not torch).
-  `run` copies inputs in, runs, and returns new host arrays the caller owns.
+  `run` copies inputs in, runs, and returns new host arrays the caller owns. `device_resident` values
+  (sdrt.engines.resident) are copied in only when their buffer holds something else, so a
+  generation's text conditioning crosses to the device once, not every step.
 
 tensorrt and cuda-python are imported lazily (extra `sdrt[tensorrt]`). Written against TensorRT 10's
 documented Python API (named I/O tensors, `execute_async_v3`); it has not run on a GPU yet.
@@ -31,6 +33,7 @@ from sdrt.engines.cudart import DeviceBuffer, Stream, call, import_cudart
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
 from sdrt.engines.files import atomic_write_bytes
 from sdrt.engines.profiles import Profile, ProfileError, ProfileRange, canonical_profile, profile_fits
+from sdrt.engines.resident import BufferContents, Resident
 from sdrt.engines.spec import NetworkSpec
 
 INSTALL_HINT = "pip install 'sdrt[tensorrt]' (tensorrt and cuda-python, on a machine with an NVIDIA GPU)"
@@ -180,6 +183,7 @@ class _LoadedPlan:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.buffers = {n: DeviceBuffer(cudart) for n in names}
+        self.contents = BufferContents()  # which Resident each input buffer holds
         self.stream = Stream(cudart)
         self.bound_shapes: dict | None = None
         self.output_shapes: dict = {}
@@ -199,6 +203,7 @@ class _LoadedPlan:
             buffer.reserve(int(np.prod(all_shapes[name])) * self.dtypes[name].itemsize)
             self.context.set_tensor_address(name, buffer.ptr)
         self.stream.drop_graph()  # addresses or shapes changed: a captured graph is stale
+        self.contents.forget()
         self.bound_shapes = dict(shapes)
 
     def _enqueue(self) -> bool:
@@ -209,7 +214,8 @@ class _LoadedPlan:
         if shapes != self.bound_shapes:
             self._bind(shapes)
         for name in self.inputs:
-            self.stream.upload(self.buffers[name], np.asarray(feed[name], dtype=self.dtypes[name]))
+            if self.contents.needs_copy(name, feed[name]):
+                self.stream.upload(self.buffers[name], np.asarray(feed[name], dtype=self.dtypes[name]))
         if cuda_graph and not self.stream.has_graph:
             if not self._enqueue():  # one eager run first: TensorRT may allocate lazily on the first enqueue
                 raise EngineError(f"TensorRT failed to run {self.key.network} on shapes {shapes}")
@@ -308,6 +314,15 @@ class TrtEngine(Engine):
             return self.spec.output_names
         self.load()
         return self._plans[0].outputs if self._plans else []
+
+    @property
+    def provider_name(self) -> str:
+        return "tensorrt"
+
+    def device_resident(self, inputs: Mapping[str, np.ndarray]) -> dict:
+        """`Resident` values: each plan copies one into its input buffer only when the buffer holds another."""
+        dtypes = self.input_dtypes if self.spec is not None else {}
+        return {n: Resident(np.asarray(a, dtype=dtypes.get(n))) for n, a in inputs.items()}
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.load()

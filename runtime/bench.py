@@ -3,7 +3,8 @@
 Measured per run (warm-up runs excluded): text encoder, UNet per step, scheduler + guidance per step,
 VAE decode and end to end, summarized as median / p10 / p90. Cold start (process start -> first
 image, with import and load apart) is measured in a fresh subprocess. Also: peak host RSS, peak GPU
-memory through NVML when pynvml is importable, the machine and library versions, and the settings.
+memory through NVML when pynvml is importable, the machine and library versions, the settings, and the
+provider each network actually ran on (with `allow_fallback` a missing one is replaced, with a warning).
 Results are written as JSON + markdown (+ a PNG chart); bench/compare.py reuses these helpers.
 Runtime only: numpy, onnxruntime, Pillow, tqdm; never torch.
 """
@@ -58,6 +59,9 @@ class BenchSettings:
     seed: int = 0
     prompt: str = PROMPT
     cold_start: bool = True
+    allow_fallback: bool = False  # a provider that is missing or fails: the next one down (cuda -> cpu), warned
+    io_binding: bool | None = None  # None: on for onnxruntime on a GPU
+    cuda_graph: bool = False  # the UNet with fixed shapes and a captured CUDA graph
 
     def check(self) -> None:
         for name in ("steps", "batch", "runs"):
@@ -68,6 +72,11 @@ class BenchSettings:
             raise InvalidInputError(f"--warmup must be an integer >= 0, got {self.warmup!r}")
         if self.guidance < 0:
             raise InvalidInputError(f"--guidance must be >= 0 (<= 1 turns guidance off), got {self.guidance}")
+
+    def pipeline_options(self) -> dict:
+        """The keywords that open the pipeline (also sent to the cold-start subprocess)."""
+        return dict(provider=self.provider, scheduler=self.scheduler, allow_fallback=self.allow_fallback,
+                    io_binding=self.io_binding, cuda_graph=self.cuda_graph)
 
     def pipeline_kwargs(self) -> dict:
         """The keywords of one StableDiffusionPipeline call (also sent to the cold-start subprocess)."""
@@ -239,7 +248,7 @@ def open_pipeline(folder, settings: BenchSettings):
     from sdrt.runtime.pipeline import StableDiffusionPipeline
 
     settings.check()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, provider=settings.provider, scheduler=settings.scheduler)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **settings.pipeline_options())
     default = pipe.folder.default_size
     pipe._check_size(settings.height or default, settings.width or default)
     t0 = time.perf_counter()
@@ -268,7 +277,7 @@ from sdrt.runtime.pipeline import StableDiffusionPipeline
 t_import = time.perf_counter() - t0
 s = json.loads(sys.argv[2])
 t0 = time.perf_counter()
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], provider=s["provider"], scheduler=s["scheduler"])
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], **s["options"])
 for engine in (pipe.text_encoder, pipe.unet, pipe.vae_decoder):
     engine.load()
 t_load = time.perf_counter() - t0
@@ -283,8 +292,7 @@ print(json.dumps({"t_start": t_start, "t_end": time.time(), "import_seconds": t_
 
 def cold_start(folder, settings: BenchSettings) -> dict:
     """Process start -> first image in a fresh interpreter, with import, load and first image apart."""
-    payload = json.dumps({"provider": settings.provider, "scheduler": settings.scheduler,
-                          "kwargs": settings.pipeline_kwargs()})
+    payload = json.dumps({"options": settings.pipeline_options(), "kwargs": settings.pipeline_kwargs()})
     t_spawn = time.time()
     proc = subprocess.run([sys.executable, "-c", _COLD_START, str(folder), payload], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -299,6 +307,16 @@ def cold_start(folder, settings: BenchSettings) -> dict:
         "first_image_seconds": child["first_image_seconds"],
         "peak_rss_mib": child["peak_rss_mib"],
     }
+
+
+def providers_used(pipe) -> dict:
+    """The provider each network ran on (onnxruntime's session, after any fallback)."""
+    return {name: getattr(pipe, name).provider_name for name in ("text_encoder", "unet", "vae_decoder")}
+
+
+def unet_io(pipe) -> dict:
+    """How the UNet's inputs and outputs travel (False where its engine has no such setting)."""
+    return {name: bool(getattr(pipe.unet, name, False)) for name in ("io_binding", "fixed_shapes", "cuda_graph")}
 
 
 def run_bench(folder, settings: BenchSettings, progress: bool = True) -> dict:
@@ -320,6 +338,7 @@ def run_bench(folder, settings: BenchSettings, progress: bool = True) -> dict:
         bar.close()
     rss = peak_rss_mb()
     default = pipe.folder.default_size
+    used, io = providers_used(pipe), unet_io(pipe)
     pipe.release()
     cold = None
     if settings.cold_start:
@@ -334,6 +353,9 @@ def run_bench(folder, settings: BenchSettings, progress: bool = True) -> dict:
         "settings": {**asdict(settings), "width": settings.width or default, "height": settings.height or default,
                      "cfg": settings.guidance > 1, "scheduler": settings.scheduler or pipe.scheduler.name,
                      "unet_evaluations": runs[0]["unet_evaluations"]},
+        "provider_used": used["unet"],
+        "providers_used": used,
+        "unet_io": io,
         "machine": machine,
         "load_average_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "stages": {name: summarize([r[name] for r in runs]) for name in STAGES},
@@ -372,6 +394,19 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:,.1f}"
 
 
+def provider_text(result: dict) -> str:
+    """"provider cuda, UNet with IO binding", or "provider cuda (fell back to cpu)"; older results: the provider."""
+    from sdrt.engines.providers import parse_provider
+
+    s, used = result["settings"], result.get("provider_used")
+    text = f"provider {s['provider']}"
+    if used is not None and used != parse_provider(s["provider"]).kind:
+        text += f" (fell back to {used})"
+    io = [label for key, label in (("io_binding", "IO binding"), ("cuda_graph", "CUDA graph"))
+          if result.get("unet_io", {}).get(key)]
+    return text + (f", UNet with {' and '.join(io)}" if io else "")
+
+
 def to_markdown(result: dict) -> str:
     s, cold, mem = result["settings"], result["cold_start"], result["memory"]
     lines = [
@@ -379,7 +414,7 @@ def to_markdown(result: dict) -> str:
         "",
         f"{result['date']} on {machine_line(result['machine'])}.",
         "",
-        f"Settings: provider {s['provider']}, {s['width']}x{s['height']}, batch {s['batch']}, {s['steps']} steps "
+        f"Settings: {provider_text(result)}, {s['width']}x{s['height']}, batch {s['batch']}, {s['steps']} steps "
         f"({s['unet_evaluations']} UNet evaluations) with {s['scheduler']}, guidance {s['guidance']} "
         f"({'CFG: one batched UNet call of 2 x batch' if s['cfg'] else 'no CFG'}), {s['runs']} measured runs after "
         f"{s['warmup']} warm-up.",
@@ -428,7 +463,8 @@ def bench_chart(result: dict) -> dict:
               "VAE decode": st["vae_decoder"]["median"]}
     s = result["settings"]
     title = (f"sdrt bench: {result['model']}, {s['width']}x{s['height']}, {s['steps']} steps, "
-             f"{'CFG' if s['cfg'] else 'no CFG'}, {s['provider']} ({result['machine']['cpu_cores']} cores)")
+             f"{'CFG' if s['cfg'] else 'no CFG'}, {result.get('provider_used', s['provider'])} "
+             f"({result['machine']['cpu_cores']} cores)")
     return {"title": title, "rows": [{"label": "sdrt", "stages": stages, "end_to_end": st["end_to_end"]}]}
 
 

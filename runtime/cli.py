@@ -111,7 +111,8 @@ def cmd_generate(args) -> int:
         from sdrt.runtime.families import text_to_image_pipeline
 
         pipe = text_to_image_pipeline(args.folder, provider=args.provider, scheduler=args.scheduler,
-                                      allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args))
+                                      allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args),
+                                      **_engine_flags(args))
         width, height = args.size if args.size else (None, None)
         result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
     else:
@@ -122,7 +123,7 @@ def cmd_generate(args) -> int:
         picture = _read_picture(args.image, "--image")
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
-                       vae=args.vae, **_memory_options(args))
+                       vae=args.vae, **_memory_options(args), **_engine_flags(args))
         if mask is None:
             pipe = image_to_image_pipeline(args.folder, **options)
             strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
@@ -142,6 +143,19 @@ def cmd_generate(args) -> int:
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
           f"({t['steps']} steps), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
+
+
+def _engine_flags(args) -> dict:
+    """--no-io-binding and --cuda-graph as engine options (io_binding left out: its default is the provider's)."""
+    if args.cuda_graph and args.no_io_binding:
+        from sdrt.runtime.errors import InvalidInputError
+
+        raise InvalidInputError("--cuda-graph needs IO binding (the graph reads fixed device buffers): drop "
+                                "--no-io-binding")
+    flags = {"cuda_graph": args.cuda_graph}
+    if args.no_io_binding:
+        flags["io_binding"] = False
+    return flags
 
 
 def _memory_options(args) -> dict:
@@ -186,17 +200,26 @@ def cmd_bench(args) -> int:
     settings = bench.BenchSettings(
         provider=args.provider, steps=args.steps, width=width, height=height, batch=args.batch,
         guidance=args.guidance, scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, seed=args.seed,
-        cold_start=not args.no_cold_start,
+        cold_start=not args.no_cold_start, allow_fallback=args.allow_fallback, **_engine_flags(args),
     )
     result = bench.run_bench(args.folder, settings, progress=not args.quiet)
     markdown = bench.to_markdown(result)
     print(markdown)
     if args.out:
-        stem = bench.result_stem("bench", result["machine"], args.provider, result["model"])
+        stem = bench.result_stem("bench", result["machine"], result["provider_used"], result["model"])
         chart = bench.bench_chart(result) if args.plot else None
         for path in bench.write_results(result, args.out, stem, markdown, chart):
             print(path, file=sys.stderr)
     return 0
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="run the UNet with fixed input buffers and a captured CUDA graph (cuda / tensorrt-ep "
+                             "providers, or native tensorrt); another image size runs without it, with a warning")
+    parser.add_argument("--no-io-binding", action="store_true",
+                        help="turn off IO binding, which on a GPU keeps the text conditioning on the device for "
+                             "the whole generation (on by default for cuda and tensorrt-ep)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-fallback", action="store_true",
                    help="if the provider is missing or fails to build, use the next one (tensorrt -> cuda -> cpu) "
                         "with a warning, instead of stopping")
+    _add_engine_flags(g)
     g.add_argument("--low-memory", action="store_true",
                    help="one network in memory at a time, guidance halves one after the other: a lower peak RSS, "
                         "the same image, a slightly slower run")
@@ -287,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time each stage, cold start and memory of an exported folder")
     b.add_argument("folder", help="an exported model folder")
     b.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt-ep or an onnxruntime provider name")
+    b.add_argument("--allow-fallback", action="store_true",
+                   help="if the provider is missing or fails, use the next one (cuda -> cpu) with a warning; the "
+                        "result records the provider that ran")
+    _add_engine_flags(b)
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's size)")
     b.add_argument("--batch", type=int, default=1, help="images per prompt")

@@ -30,6 +30,9 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae import select_vae
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "latent")
+# Engine options for the network called every step (the UNet) only: fixed input buffers and a captured CUDA
+# graph pay there; the text encoder and the VAE run once per image.
+PER_STEP_OPTIONS = ("fixed_shapes", "cuda_graph")
 
 
 @dataclass
@@ -52,7 +55,9 @@ class StableDiffusionBase:
         (sdrt.runtime.memory); same images. cfg_mode: "batched" (one UNet call of 2N) or "sequential" (two
         of N; the default in low-memory mode). vae_tiling: decode (and encode) in overlapping tiles
         (sdrt.runtime.tiling.Tiling); changes the image slightly. vae: "full", or "taesd" for the tiny VAE that
-        `sdrt export-taesd` adds (sdrt.runtime.vae). engine_options: SessionOptions fields."""
+        `sdrt export-taesd` adds (sdrt.runtime.vae). engine_options: create_engine's options (SessionOptions fields,
+        allow_fallback, io_binding: on by default for onnxruntime on a GPU), to every engine; fixed_shapes and
+        cuda_graph go to the UNet only."""
         if cfg_mode is None:
             cfg_mode = "sequential" if low_memory else "batched"
         if cfg_mode not in memory.CFG_MODES:
@@ -91,9 +96,14 @@ class StableDiffusionBase:
                         **engine_options):
         return cls(ModelFolder.open(path, verify=verify), provider=provider, scheduler=scheduler, **engine_options)
 
+    def _engine_options(self, component: str) -> dict:
+        if component == "unet":
+            return self.engine_options
+        return {k: v for k, v in self.engine_options.items() if k not in PER_STEP_OPTIONS}
+
     def _engine(self, component: str):
         return create_engine(self.folder.onnx_path(component), self.folder.spec(component), provider=self.provider,
-                             **self.engine_options)
+                             **self._engine_options(component))
 
     def _nan_safe(self, component: str):
         """The engine, re-run with the fp32 copy that an fp16 folder keeps (sdrt.json "fallbacks") on NaN/Inf."""
@@ -101,7 +111,7 @@ class StableDiffusionBase:
         if fp32 is None:
             return engine
         return FiniteOrFallback(engine, lambda: create_engine(fp32, self.folder.spec(component), provider=self.provider,
-                                                              **self.engine_options), name=component)
+                                                              **self._engine_options(component)), name=component)
 
     def _stage_done(self, *engines) -> None:
         """In low-memory mode, unload engines once their stage has run (each reloads when next needed)."""
@@ -202,7 +212,9 @@ class StableDiffusionBase:
 
         `unet_inputs`: the UNet's inputs beyond sample/timestep/encoder_hidden_states (SDXL's
         text_embeds and time_ids, LCM's timestep_cond), constant over the steps and batched as
-        `embeds` is (negatives first with guidance).
+        `embeds` is (negatives first with guidance). This conditioning goes to the UNet's device once
+        per generation (`Engine.device_resident`; a no-op for engines that take host arrays); each step
+        sends the sample and timestep and reads out_sample back for the scheduler.
         `extra_channels`: constant channels appended to the scaled latents of every UNet input, batched
         as `latents` (an inpainting UNet's mask and masked-image latents).
         `after_step(i, latents) -> latents`: applied after each solver step, before the callback
@@ -219,6 +231,9 @@ class StableDiffusionBase:
             calls = [{name: np.split(value, 2)[half] for name, value in conditioning.items()} for half in (0, 1)]
         else:
             calls = [conditioning]
+        # Once per generation, not per step. With fixed input buffers (CUDA graphs) the two sequential halves take
+        # turns in one buffer, each copied in by its own call, so that every call reads the same addresses.
+        calls = [(len(call["encoder_hidden_states"]), self.unet.device_resident(call)) for call in calls]
         unet_seconds = 0.0
         steps = range(plan.num_evaluations)
         if progress:
@@ -233,8 +248,7 @@ class StableDiffusionBase:
                 model_input = np.concatenate([model_input, extra_channels], axis=1)
             t_unet = time.perf_counter()
             noise_pred = []
-            for call in calls:
-                n = len(call["encoder_hidden_states"])
+            for n, call in calls:
                 noise_pred.append(self.unet.run({
                     "sample": np.concatenate([model_input] * (n // batch)),
                     "timestep": np.full((n,), t, dtype=timestep_dtype),

@@ -44,6 +44,10 @@ def test_bench_json_has_every_field(bench_run):
     assert settings["steps"] == 2 and settings["runs"] == 3 and settings["warmup"] == 1
     assert settings["width"] == settings["height"] == 64 and settings["cfg"] is True
     assert settings["provider"] == "cpu" and settings["scheduler"]
+    assert settings["allow_fallback"] is False and settings["cuda_graph"] is False and settings["io_binding"] is None
+    assert result["provider_used"] == "cpu"
+    assert result["providers_used"] == {"text_encoder": "cpu", "unet": "cpu", "vae_decoder": "cpu"}
+    assert result["unet_io"] == {"io_binding": False, "fixed_shapes": False, "cuda_graph": False}  # CPU's default
     machine = result["machine"]
     for key in ("cpu", "cpu_cores", "ram_gib", "gpus", "versions"):
         assert key in machine, key
@@ -118,6 +122,36 @@ def test_bad_input_is_a_clear_error(exported, capsys, args, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def _has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="CUDA is installed here")
+def test_allow_fallback_runs_on_cpu_and_records_it(exported, tmp_path, capsys):
+    args = ["bench", str(exported["sd1"]), "--provider", "cuda", "--cuda-graph", "--steps", "1", "--runs", "1",
+            "--warmup", "0", "--no-cold-start", "-q", "--out", str(tmp_path)]
+    assert main(args[:-2]) == 2  # without --allow-fallback: the missing provider is an error
+    assert "CUDAExecutionProvider is not available here" in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match="running on cpu instead"):
+        assert main(args + ["--allow-fallback"]) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["settings"]["provider"] == "cuda" and result["settings"]["allow_fallback"] is True
+    assert result["provider_used"] == "cpu" and set(result["providers_used"].values()) == {"cpu"}
+    assert result["unet_io"]["cuda_graph"] is False  # dropped with the fallback to the CPU
+    assert "provider cuda (fell back to cpu)" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_bench_passes_io_options_to_the_pipeline(exported, capsys):
+    """--cuda-graph reaches the UNet's engine: on the CPU provider that is onnxruntime's clear refusal."""
+    assert main(["bench", str(exported["sd1"]), "--cuda-graph", "--no-cold-start", "-q"]) == 2
+    assert "cuda_graph needs the CUDA or TensorRT execution provider" in capsys.readouterr().err
+    settings = bench.BenchSettings(io_binding=False, cuda_graph=True, allow_fallback=True)
+    assert settings.pipeline_options() == dict(provider="cpu", scheduler=None, allow_fallback=True, io_binding=False,
+                                               cuda_graph=True)
 
 
 def test_folder_that_is_not_an_export(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdrt.runtime.cli import main
@@ -41,3 +42,30 @@ def test_folder_without_manifest_runs(exported, tmp_path):
     a = StableDiffusionPipeline.from_pretrained(folder)("a cat", num_inference_steps=2, seed=1, output_type="np")
     b = StableDiffusionPipeline.from_pretrained(exported["sd1"])("a cat", num_inference_steps=2, seed=1, output_type="np")
     assert np.array_equal(a.images, b.images)
+
+
+def test_generate_cuda_graph_on_the_cpu_is_a_clear_error(exported, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", str(exported["sd1"]), "x", "-o", str(out), "--steps", "1", "--cuda-graph", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda_graph needs the CUDA or TensorRT execution provider" in err and "Traceback" not in err
+    assert main(["generate", str(exported["sd1"]), "x", "-o", str(out), "--cuda-graph", "--no-io-binding"]) == 2
+    assert "--cuda-graph needs IO binding" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generate_io_flags_give_the_same_image(exported, tmp_path):
+    """--no-io-binding, and --cuda-graph dropped by the fallback from cuda to the CPU, change nothing in the image."""
+    import onnxruntime
+
+    args = ["generate", str(exported["sd1"]), "a red circle", "--steps", "2", "--seed", "1", "-q"]
+    assert main(args + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "unbound.png"), "--no-io-binding"]) == 0
+    images = [tmp_path / "plain.png", tmp_path / "unbound.png"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.warns(RuntimeWarning, match="running on cpu instead"):
+            assert main(args + ["-o", str(tmp_path / "fallback.png"), "--provider", "cuda", "--allow-fallback",
+                                "--cuda-graph"]) == 0
+        images.append(tmp_path / "fallback.png")
+    pixels = [np.asarray(Image.open(path)) for path in images]
+    assert all(np.array_equal(p, pixels[0]) for p in pixels[1:])

@@ -8,7 +8,7 @@ import pytest
 from sdrt.engines import create_engine
 from sdrt.engines.errors import EngineError
 from sdrt.engines.onnxruntime import OrtEngine, binding_device, with_cuda_graph
-from sdrt.engines.providers import ProviderError, parse_provider
+from sdrt.engines.providers import ProviderError, engine_options_for, parse_provider
 from sdrt.runtime.config import ModelFolder
 
 
@@ -58,6 +58,24 @@ def test_cuda_graph_options():
 @pytest.fixture(scope="module")
 def folder(exported):
     return ModelFolder.open(exported["sd1"])
+
+
+@pytest.mark.parametrize("provider,given,expected", [
+    ("cuda", None, True), ("cuda:1", None, True), ("tensorrt-ep", None, True), ("cuda", False, False),
+    ("cpu", None, False), ("cpu", True, True), ("tensorrt", None, False), ("OpenVINOExecutionProvider", None, False),
+])
+def test_io_binding_is_on_by_default_for_onnxruntime_on_a_gpu(provider, given, expected):
+    options = {} if given is None else {"io_binding": given}
+    assert engine_options_for(parse_provider(provider), options)["io_binding"] is expected
+    assert "io_binding" not in options  # popped: the rest are session options
+
+
+def test_created_engine_takes_the_default(folder):
+    path, spec = folder.onnx_path("unet"), folder.spec("unet")
+    assert create_engine(path, spec, provider="cpu").io_binding is False
+    assert create_engine(path, spec, provider="cpu", io_binding=None).io_binding is False
+    assert create_engine(path, spec, provider="cpu", io_binding=True).io_binding is True
+    assert create_engine(path, spec, provider="cpu").provider_name == "cpu"
 
 
 def test_options_for_the_wrong_backend_are_refused(folder):
