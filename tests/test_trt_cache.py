@@ -34,7 +34,7 @@ def onnx_file(tmp_path):
                               [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 4, "h", "w"])])
     path = tmp_path / "net" / "model.onnx"
     path.parent.mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     return path
 
 
