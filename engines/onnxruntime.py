@@ -13,6 +13,7 @@ import numpy as np
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
 from sdrt.engines.iobinding import BoundRunner
+from sdrt.engines.profiles import dims_from_shapes
 from sdrt.engines.resident import Resident
 from sdrt.engines.spec import NetworkSpec
 
@@ -52,6 +53,23 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+_cuda_libraries_loaded = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries of the nvidia-* pip packages only through
+    `preload_dlls()`; without it a CUDA session silently runs on the CPU. Once per process."""
+    global _cuda_libraries_loaded
+    if _cuda_libraries_loaded or not hasattr(ort, "preload_dlls"):
+        return
+    _cuda_libraries_loaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # missing pip packages: the system's libraries (LD_LIBRARY_PATH) may still serve
+        warnings.warn(f"onnxruntime.preload_dlls() failed ({e}); relying on the system's CUDA libraries",
+                      RuntimeWarning, stacklevel=3)
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """The onnxruntime session settings sdrt exposes."""
@@ -63,6 +81,7 @@ class SessionOptions:
     enable_mem_pattern: bool = True
     deterministic: bool = False
     log_severity: int = 3
+    optimized_model_path: str | None = None  # where onnxruntime saves the graph it runs (for inspection)
 
 
 def resolve_providers(provider: str | Sequence[Any]) -> list[Any]:
@@ -130,6 +149,11 @@ class OrtEngine(Engine):
       `device_resident` values are then copied into those buffers, and only when a buffer holds
       another value (sdrt.engines.resident).
     cuda_graph: fixed_shapes plus onnxruntime's CUDA graph capture (CUDA / TensorRT providers only).
+
+    With fixed shapes and a spec, the session is made when the first feed arrives, with that feed's axis
+    sizes as free-dimension overrides: onnxruntime then folds the graph's Shape arithmetic into
+    constants (32 Shape nodes in an exported UNet), so no node is left for the CPU provider, which
+    CUDA graph capture refuses, and the kernels see static shapes.
     """
 
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec | None = None,
@@ -152,6 +176,8 @@ class OrtEngine(Engine):
             self.providers = with_cuda_graph(self.providers)
         self._runner: BoundRunner | None = None
         self._other_shapes: OrtEngine | None = None  # runs shapes other than the fixed ones
+        self._fixed_dims: dict[str, int] | None = None  # free-dimension overrides (fixed shapes, see above)
+        self._session_dims: dict[str, int] | None = None  # the overrides the loaded session was made with
 
     @property
     def loaded(self) -> bool:
@@ -175,10 +201,17 @@ class OrtEngine(Engine):
         so.log_severity_level = self.options.log_severity
         if self.options.deterministic:
             so.use_deterministic_compute = True
+        if self.options.optimized_model_path:
+            so.optimized_model_filepath = str(self.options.optimized_model_path)
+        for axis, size in (self._fixed_dims or {}).items():
+            so.add_free_dimension_override_by_name(axis, size)
+        if any(_name(p) in GPU_PROVIDERS for p in self.providers):
+            _preload_cuda_libraries(ort)
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise EngineError(f"onnxruntime could not load {self.path}: {e}") from e
+        self._session_dims = self._fixed_dims
 
     @property
     def _loaded_session(self):
@@ -186,7 +219,14 @@ class OrtEngine(Engine):
         return self._session
 
     @property
+    def _waits_for_fixed_dims(self) -> bool:
+        """Fixed shapes with a spec: the session is made at the first feed, with its sizes (see the class)."""
+        return self.fixed_shapes and self.spec is not None and self._runner is None
+
+    @property
     def input_dtypes(self) -> dict[str, np.dtype]:
+        if self._session is None and self._waits_for_fixed_dims:  # the spec's, not to load the session too early
+            return {t.name: np.dtype(t.dtype) for t in self.spec.inputs}
         return {i.name: np.dtype(_ONNX_DTYPES.get(i.type, np.float32)) for i in self._loaded_session.get_inputs()}
 
     @property
@@ -239,14 +279,23 @@ class OrtEngine(Engine):
         if not self.io_binding:
             raise EngineError("run_ortvalues needs an engine made with io_binding=True")
         inputs = self._inputs(feed)
-        runner = self._bound()
         shapes = {n: tuple(v.shape()) if callable(v.shape) else v.shape for n, v in inputs.items()}
+        if self._waits_for_fixed_dims:
+            self._fix_dims(shapes)
+        runner = self._bound()
         if not runner.accepts(shapes):
             return self._for_other_shapes(shapes).run_ortvalues(inputs)
         try:
             return runner.run(inputs)
         except Exception as e:
             raise EngineError(f"onnxruntime failed to run {self.path} (IO binding) on shapes {shapes}: {e}") from e
+
+    def _fix_dims(self, shapes: dict) -> None:
+        """Make the session for the first fixed feed: its axis sizes as free-dimension overrides."""
+        self._fixed_dims = dims_from_shapes(self.spec, shapes)
+        if self._session is not None and self._session_dims != self._fixed_dims:
+            self._session = None  # loaded early (metadata) or for other sizes: made again with these
+        self.load()
 
     def to_device(self, array: np.ndarray):
         """An OrtValue on this engine's device holding a copy of `array` (e.g. text embeddings kept across steps)."""
@@ -283,3 +332,4 @@ class OrtEngine(Engine):
         if self._other_shapes is not None:
             self._other_shapes.release()
         self._session = self._runner = self._other_shapes = None
+        self._fixed_dims = self._session_dims = None  # the next first feed fixes the shapes again
