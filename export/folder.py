@@ -73,3 +73,18 @@ def file_table(root: Path) -> dict:
 def write_manifest(root: Path, manifest: dict) -> None:
     manifest = dict(manifest, files=file_table(root))
     atomic_write_json(root / MANIFEST, manifest)
+
+
+PROTOBUF_LIMIT = 2**31 - 2**26  # an .onnx file holds at most 2 GB; keep a margin for the graph itself
+
+
+def save_model(model, dst: Path) -> None:
+    """Save an onnx.ModelProto at dst; past protobuf's 2 GB, its weights go to dst + "_data" (optimum's
+    model.onnx_data), as the export writes them."""
+    import onnx
+
+    if sum(t.ByteSize() for t in model.graph.initializer) < PROTOBUF_LIMIT:  # ModelProto.ByteSize fails past 2 GB
+        onnx.save_model(model, str(dst))
+    else:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + "_data", size_threshold=1024)

@@ -46,7 +46,7 @@ from sdrt.engines.files import MANIFEST
 from sdrt.engines.onnxruntime import OrtEngine
 from sdrt.export.calibration import DEFAULT_PROMPTS, CalibrationError, FeedReader, record_feeds
 from sdrt.export.errors import ExportError, ValidationError
-from sdrt.export.folder import staging, write_manifest
+from sdrt.export.folder import save_model, staging, write_manifest
 
 MODES = {  # mode -> (op types quantized statically (QDQ), op types quantized dynamically)
     "dynamic": ((), ("MatMul", "Gemm")),
@@ -109,13 +109,7 @@ def _save(src: Path, dst: Path) -> None:
     """Save `src` as dst (+ dst_data when over 2 GB, optimum's name), whatever the quantizer wrote."""
     import onnx
 
-    model = onnx.load(str(src))
-    weights = sum(t.ByteSize() for t in model.graph.initializer)  # ModelProto.ByteSize fails past 2 GB
-    if weights < 2**31 - 2**26:
-        onnx.save_model(model, str(dst))
-    else:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + "_data", size_threshold=1024)
+    save_model(onnx.load(str(src)), dst)
 
 
 def fp32_convs(path: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""sdrt optimize: cpu/gpu fusion profiles and fp16, validated against the plain fp32 export."""
+"""sdrt optimize: cpu/gpu fusion profiles and fp16, validated against the plain fp32 export; the attention
+fusion in both profiles; SDXL folders; the tiny VAE carried through; quantized folders refused."""
 
 from __future__ import annotations
 
@@ -9,14 +10,31 @@ import onnx
 import pytest
 
 from sdrt.engines.onnxruntime import OrtEngine
+from sdrt.export import folder as folder_module
 from sdrt.export import optimize as opt
 from sdrt.export.errors import ExportError, OutputExistsError, ValidationError
 
 GPU_ONLY_OPS = {"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
 
 
+ATTENTION = {"unet": 8, "vae_decoder": 1, "vae_encoder": 1}  # fused per component in the tiny sd1 folder
+
+
 def op_types(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def assert_attention_fused(out, expected: dict):
+    """Every attention of `expected` components fused (report and graph), none in the others."""
+    manifest = json.loads((out / "sdrt.json").read_text())
+    for name, report in manifest["validation_optimize"].items():
+        component = name.removesuffix("_fp32")
+        if component in expected:
+            assert report["attention"] == {"fused": expected[component], "softmax_left": 0}, name
+            ops = op_types(out / name / "model.onnx")
+            assert "MultiHeadAttention" in ops and "Softmax" not in ops, name
+        else:
+            assert "attention" not in report and "MultiHeadAttention" not in op_types(out / name / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +57,7 @@ def test_cpu_fp32_runs_on_cpu_provider_and_matches(optimized, exported):
         assert max(c["max_abs"] for c in report["checks"]) <= 1e-4
         assert not op_types(out / name / "model.onnx") & GPU_ONLY_OPS, name
     assert "SkipLayerNormalization" in op_types(out / "unet" / "model.onnx")
+    assert_attention_fused(out, ATTENTION)
     describe(out, verify="sha256")  # file hashes in sdrt.json are those of the optimized files
 
 
@@ -47,6 +66,7 @@ def test_cpu_fp16_within_tolerance_and_decoded_psnr(optimized, exported):
     manifest = json.loads((out / "sdrt.json").read_text())
     assert manifest["precision"] == "fp16" and manifest["optimize"]["keep_io_types"] is True
     assert all(r["passed"] for r in manifest["validation_optimize"].values())
+    assert_attention_fused(out, ATTENTION)  # the CPU provider has fp16 MultiHeadAttention kernels
     # fp16 weights really are fp16
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(out / "unet" / "model.onnx")).graph.initializer)
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
@@ -74,8 +94,19 @@ def test_gpu_profile_has_fused_ops(optimized):
     for name, report in manifest["validation_optimize"].items():
         assert report["run"] == "not run: no GPU"
     unet_ops = op_types(out / "unet" / "model.onnx")
-    assert {"GroupNorm", "SkipGroupNorm", "NhwcConv"} <= unet_ops
-    assert {"GroupNorm", "NhwcConv"} <= op_types(out / "vae_decoder" / "model.onnx")
+    assert {"GroupNorm", "SkipGroupNorm", "NhwcConv", "MultiHeadAttention"} <= unet_ops
+    for vae in ("vae_decoder", "vae_encoder", "vae_decoder_fp32"):
+        assert {"GroupNorm", "NhwcConv", "MultiHeadAttention"} <= op_types(out / vae / "model.onnx")
+    assert_attention_fused(out, ATTENTION)
+
+
+def test_gpu_check_requires_the_attention_fusion(exported, tmp_path, monkeypatch):
+    """check_gpu_graph fails a gpu-profile unet without MultiHeadAttention (here: attention fusion off)."""
+    unfused = opt.optimize_file
+    monkeypatch.setattr(opt, "optimize_file", lambda *a, **k: unfused(*a, **k, attention=False))
+    missing = r"unet: the gpu profile did not produce the fused ops \['MultiHeadAttention'\]"
+    with pytest.raises(ValidationError, match=missing):
+        opt.optimize_folder(exported["sd1"], tmp_path / "gpu", "gpu", "fp16", log=lambda m: None)
 
 
 def test_numpy_patch_still_needed():
@@ -106,6 +137,34 @@ def test_refuses_optimized_folder(optimized, tmp_path):
         opt.optimize_folder(optimized["cpu", "fp32"], tmp_path / "again", log=lambda m: None)
 
 
+def test_refuses_quantized_folder_saying_so(exported, tmp_path):
+    """A folder written by `sdrt quantize` (precision int8, a quantization record) is not "already
+    optimized": the message says it is quantized and to optimize before quantizing."""
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    manifest = json.loads((exported["sd1"] / "sdrt.json").read_text())
+    manifest.update(precision="int8", quantization={"mode": "dynamic"})
+    (folder / "sdrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(opt.OptimizeError, match=r"is quantized \(precision int8, dynamic mode.*optimize the fp32 "
+                                                r"export before quantizing") as info:
+        opt.optimize_folder(folder, tmp_path / "out", log=lambda m: None)
+    assert "already optimized" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_large_networks_keep_their_weights_in_model_onnx_data(exported, tmp_path, monkeypatch):
+    """Past protobuf's 2 GB (SD 1.5's fp32 UNet) the optimized weights go to model.onnx_data, as the export
+    writes them; here every network pretends to be that large."""
+    monkeypatch.setattr(folder_module, "PROTOBUF_LIMIT", 0)
+    from sdrt.runtime.info import describe
+
+    out = opt.optimize_folder(exported["sd1"], tmp_path / "o", "cpu", "fp32", log=lambda m: None)
+    assert (out / "unet" / "model.onnx_data").is_file()
+    graph = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    describe(out, verify="sha256")
+
+
 def test_unknown_profile_and_precision(exported, tmp_path):
     with pytest.raises(opt.OptimizeError, match="unknown optimize profile"):
         opt.optimize_folder(exported["sd1"], tmp_path / "x", profile="tpu")
@@ -133,3 +192,77 @@ def test_cli_optimize(exported, tmp_path):
 
     assert main(["optimize", str(exported["sd1"]), str(tmp_path / "o"), "--optimize", "cpu", "--precision", "fp32"]) == 0
     assert json.loads((tmp_path / "o" / "sdrt.json").read_text())["optimize"]["profile"] == "cpu"
+
+
+# -- SDXL and the tiny VAE ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_exported(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from sdrt.export.api import export_pipeline
+    from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
+
+    root = tmp_path_factory.mktemp("xl")
+    return export_pipeline(save_tiny_xl_pipeline(root / "checkpoint"), root / "onnx", log=lambda m: None)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_sdxl_fp16(xl_exported, tmp_path, profile):
+    """Both text encoders, the added-cond UNet (text_embeds, time_ids; 16 attentions in its 2-layer
+    transformer blocks) and the VAE, with the fp32 decoder fallback; cpu-profile outputs within tolerance."""
+    from sdrt.runtime.sdxl import StableDiffusionXLPipeline
+
+    out = opt.optimize_folder(xl_exported, tmp_path / profile, profile, "fp16", log=lambda m: None)
+    manifest = json.loads((out / "sdrt.json").read_text())
+    assert set(manifest["validation_optimize"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder",
+                                                   "vae_encoder", "vae_decoder_fp32"}
+    assert all(r["passed"] for r in manifest["validation_optimize"].values())
+    assert_attention_fused(out, {"unet": 16, "vae_decoder": 1, "vae_encoder": 1})
+    if profile == "gpu":
+        assert "SkipLayerNormalization" in op_types(out / "text_encoder_2" / "model.onnx")
+        return
+    unet_inputs = {t["name"] for t in manifest["components"]["unet"]["spec"]["inputs"]}
+    assert {"text_embeds", "time_ids"} <= unet_inputs
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, provider="cpu")
+    image = pipe("a red circle", num_inference_steps=2, seed=0, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.fixture(scope="module")
+def with_taesd(exported, tmp_path_factory):
+    """A copy of the exported sd1 folder with the tiny VAE (vae_tiny_decoder/, vae_tiny_encoder/) added."""
+    import shutil
+
+    from sdrt.export.fixtures_family import save_tiny_taesd
+    from sdrt.export.taesd import export_taesd
+
+    root = tmp_path_factory.mktemp("taesd")
+    folder = root / "sd1"
+    shutil.copytree(exported["sd1"], folder)
+    return export_taesd(save_tiny_taesd(root / "taesd"), folder, log=lambda m: None)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_tiny_vae_is_optimized_like_the_vae(with_taesd, tmp_path, profile):
+    """The tiny VAE goes through the same profile and precision as the VAE, validated (cpu) or checked
+    for its fused convolutions (gpu), and the file table covers it."""
+    from sdrt.runtime.info import describe
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+    out = opt.optimize_folder(with_taesd, tmp_path / profile, profile, "fp16", log=lambda m: None)
+    manifest = json.loads((out / "sdrt.json").read_text())
+    for name in ("vae_tiny_decoder", "vae_tiny_encoder"):
+        report = manifest["validation_optimize"][name]
+        assert report["passed"] and report["attention"] == {"fused": 0, "softmax_left": 0}  # none to fuse
+        if profile == "cpu":
+            assert len({json.dumps(c["dims"]) for c in report["checks"]}) == 2
+        else:
+            assert "NhwcConv" in op_types(out / name / "model.onnx")
+        weights = onnx.load(str(out / name / "model.onnx")).graph.initializer
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights), name
+    describe(out, verify="sha256")
+    if profile == "cpu":
+        pipe = StableDiffusionPipeline.from_pretrained(out, provider="cpu", vae="taesd")
+        image = pipe("a red circle", num_inference_steps=2, seed=0, output_type="np").images
+        assert np.isfinite(image).all()

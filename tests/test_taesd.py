@@ -70,7 +70,7 @@ def test_export_adds_validated_components_and_updates_the_manifest(folder):
         assert f"{name}/model.onnx" in manifest["files"]
         assert manifest["validation"][name]["passed"]
         assert name in manifest["tiny_vae"]["components"]
-    assert "vae_tiny_decoder" not in manifest["components"]  # `sdrt optimize` handles only the main networks
+    assert "vae_tiny_decoder" not in manifest["components"]  # kept apart: `sdrt optimize` reads them from "tiny_vae"
     assert opened.spec("vae_tiny_encoder").output_names == ["latents"]
     info = describe(folder)
     assert info["tiny_vae"] == ["vae_tiny_decoder", "vae_tiny_encoder"]
