@@ -22,6 +22,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
     "StableDiffusionXLInpaintPipeline": "stable-diffusion-xl",
 }
+FIRST_ENCODER_FOLDERS = ("text_encoder", "tokenizer")  # every checkpoint's but the SDXL refiner's
 SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL checkpoint has beyond SD's folders
 LATER = {
     "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet) is not supported",
@@ -70,6 +71,17 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
+def _required_folders(family: str, index: dict) -> tuple[str, ...]:
+    """The component folders a checkpoint of `family` must have. An SDXL checkpoint whose index names no first
+    text encoder (text_encoder: [null, null], as the SDXL refiner's) has only the second encoder and tokenizer."""
+    folders = ("unet", "vae", "scheduler")
+    if family != "stable-diffusion-xl":
+        return folders + FIRST_ENCODER_FOLDERS
+    if (index.get("text_encoder") or [None])[0]:
+        folders += FIRST_ENCODER_FOLDERS
+    return folders + SDXL_FOLDERS
+
+
 def open_checkpoint(src: str | Path) -> Checkpoint:
     """Check that `src` is a diffusers folder of a family we export."""
     path = Path(src)
@@ -91,14 +103,7 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
             f"pipeline {cls} is not supported; sdrt exports {', '.join(SUPPORTED_PIPELINES)}"
         )
     family = SUPPORTED_PIPELINES[cls]
-    if family == "stable-diffusion-xl" and not (index.get("text_encoder") or [None])[0]:
-        raise UnsupportedModelError(
-            f"{cls} without a first text encoder (the SDXL refiner) is not supported yet; export an SDXL base model"
-        )
-    folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-    if family == "stable-diffusion-xl":
-        folders += SDXL_FOLDERS
-    for sub in folders:
+    for sub in _required_folders(family, index):
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path} has no {sub}/ folder; a {cls} needs one")
     return Checkpoint(path, index, family)

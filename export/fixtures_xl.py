@@ -6,6 +6,8 @@ the second with a projection narrower than its hidden size (so `pooler_output` c
 tokenizer_2 pads with "!" as SDXL's does. The UNet takes `text_embeds` and six `time_ids`; the VAE
 has SDXL's scaling factor and `force_upcast`; the scheduler is SDXL's Euler ("leading" spacing).
 Sizes behave as in the real model: 8x VAE, 16 px multiples here (the UNet has one downsampler).
+The refiner (`tiny_xl_refiner`) has the second encoder only, and a UNet that attends to its states
+and takes five time ids (an aesthetic score).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from sdrt.export.fixtures import clip_tokenizer, tiny_vae
 HIDDEN, HIDDEN_2, PROJECTION_2, TIME_EMBED = 32, 48, 24, 8
 
 
-def tiny_xl_components(seed: int = 0, aesthetics: bool = False) -> dict:
+def tiny_xl_components(seed: int = 0, aesthetics: bool = False, refiner: bool = False) -> dict:
     """The modules of a tiny StableDiffusionXLPipeline (seeded), as keyword arguments of its constructor.
-    aesthetics: a UNet that takes 5 time ids (an aesthetic score instead of the target size), as the refiner's."""
+    aesthetics: a UNet that takes 5 time ids (an aesthetic score instead of the target size), as the refiner's.
+    refiner: no first text encoder or tokenizer (None), and a UNet attending to the second encoder's states only."""
     import torch
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -39,7 +42,7 @@ def tiny_xl_components(seed: int = 0, aesthetics: bool = False) -> dict:
         addition_time_embed_dim=TIME_EMBED,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=(5 if aesthetics else 6) * TIME_EMBED + PROJECTION_2,
-        cross_attention_dim=HIDDEN + HIDDEN_2,
+        cross_attention_dim=HIDDEN_2 if refiner else HIDDEN + HIDDEN_2,
         norm_num_groups=4,
     )
     vae = tiny_vae(seed, scaling_factor=0.13025, force_upcast=True)
@@ -59,8 +62,10 @@ def tiny_xl_components(seed: int = 0, aesthetics: bool = False) -> dict:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
         timestep_spacing="leading", interpolation_type="linear",
     )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                tokenizer=clip_tokenizer("<|endoftext|>"), tokenizer_2=clip_tokenizer("!"), scheduler=scheduler)
+    first = dict(text_encoder=None, tokenizer=None) if refiner else dict(
+        text_encoder=text_encoder, tokenizer=clip_tokenizer("<|endoftext|>"))
+    return dict(unet=unet, vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer("!"),
+                scheduler=scheduler, **first)
 
 
 def tiny_xl_pipeline(seed: int = 0, img2img: bool = False, **config):
@@ -77,4 +82,23 @@ def save_tiny_xl_pipeline(path, seed: int = 0, img2img: bool = False, **config) 
     """Build a tiny SDXL pipeline and save it as a diffusers folder (safetensors)."""
     path = Path(path)
     tiny_xl_pipeline(seed, img2img, **config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_xl_refiner(seed: int = 0, **config):
+    """A tiny SDXL refiner, as diffusers' refiner tests build it: a StableDiffusionXLImg2ImgPipeline without the
+    first text encoder (text_encoder_2 and tokenizer_2 only), requires_aesthetics_score=True (5 time ids) and, as
+    stabilityai/stable-diffusion-xl-refiner-1.0's index, force_zeros_for_empty_prompt=False. Its VAE is the base
+    model's of the same seed, as the base + refiner ensemble shares one VAE. config: model_index overrides."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    config = {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False, **config}
+    components = tiny_xl_components(seed, aesthetics=config["requires_aesthetics_score"], refiner=True)
+    return StableDiffusionXLImg2ImgPipeline(**components, add_watermarker=False, **config)
+
+
+def save_tiny_xl_refiner(path, seed: int = 0, **config) -> Path:
+    """Build a tiny SDXL refiner and save it as a diffusers folder (safetensors)."""
+    path = Path(path)
+    tiny_xl_refiner(seed, **config).save_pretrained(path, safe_serialization=True)
     return path

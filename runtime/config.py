@@ -14,8 +14,10 @@ from sdrt.runtime.errors import ModelFolderError, UnsupportedConfigError
 # vae_tiny_*: an optional tiny autoencoder (TAESD) beside the full VAE, added by `sdrt export-taesd`.
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
               "vae_tiny_decoder", "vae_tiny_encoder")
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
-FAMILY_REQUIRED = {"stable-diffusion-xl": ("text_encoder_2",)}  # beyond REQUIRED
+REQUIRED = ("unet", "vae_decoder")
+# Beyond REQUIRED; an SDXL folder may lack the first text encoder (the SDXL refiner has only the second).
+FAMILY_REQUIRED = {"stable-diffusion-xl": ("text_encoder_2",)}
+FAMILY_REQUIRED_DEFAULT = ("text_encoder",)
 PIPELINES = {"StableDiffusionPipeline": "stable-diffusion", "ORTStableDiffusionPipeline": "stable-diffusion"}
 PIPELINES["LatentConsistencyModelPipeline"] = PIPELINES["ORTLatentConsistencyModelPipeline"] = "latent-consistency"
 PIPELINES["StableDiffusionInpaintPipeline"] = PIPELINES["ORTStableDiffusionInpaintPipeline"] = "stable-diffusion"
@@ -73,7 +75,7 @@ class ModelFolder:
                 f"{path}: pipeline {cls_name} is not supported by this runtime (supported: {', '.join(PIPELINES)})"
             )
         components = tuple(c for c in COMPONENTS if (path / c / "model.onnx").is_file())
-        missing = [c for c in REQUIRED + FAMILY_REQUIRED.get(PIPELINES[cls_name], ()) if c not in components]
+        missing = [c for c in REQUIRED + FAMILY_REQUIRED.get(PIPELINES[cls_name], FAMILY_REQUIRED_DEFAULT) if c not in components]
         if missing:
             raise ModelFolderError(f"{path} lacks {', '.join(c + '/model.onnx' for c in missing)}; re-run sdrt export")
         configs = {c: read_json(path / c / "config.json") for c in components}

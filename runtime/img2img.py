@@ -26,6 +26,26 @@ from sdrt.runtime.vae import require_encoder, select_vae
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def check_strength(strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+
+
+def given_latents(image, channels: int) -> np.ndarray | None:
+    """`image` as float32 latents when it is an NCHW float array (a pipeline's output_type="latent", e.g. SDXL's
+    base stopped at denoising_end), which must have the VAE's `channels`; None for pictures (image.from_pil)."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 4 and np.issubdtype(image.dtype, np.floating)):
+        return None
+    if image.shape[1] != channels:
+        raise InvalidInputError(
+            f"image is a float array of shape {image.shape}: latents must be NCHW with the VAE's {channels} "
+            "channels (output_type='latent'); pass pictures as PIL images or HWC uint8 arrays"
+        )
+    if not np.isfinite(image).all():
+        raise InvalidInputError("the latents given as image hold NaN/Inf")
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """SD 1.x / 2.x image-to-image over ONNX engines (needs the folder's vae_encoder)."""
 
@@ -62,25 +82,44 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         vae = choice.config
         return (sample - np.float32(vae.shift_factor)) * np.float32(vae.scaling_factor)
 
+    def _images(self, image, num_prompts: int, num_images_per_prompt: int) -> np.ndarray:
+        """The images, checked for size and count: NCHW pixels in [-1, 1] from pictures, or the latents given
+        (`given_latents`), which are used as the VAE encoder's output, as diffusers does."""
+        latents = given_latents(image, self.folder.vae.latent_channels)
+        images = imageio.from_pil(image, vae_scale_factor=self.folder.vae.scale_factor) if latents is None else latents
+        self._check_size(*self._pixel_size(images), subject="image ")
+        self._check_image_count(len(images), num_prompts, num_images_per_prompt)
+        return images
+
+    def _is_latents(self, images: np.ndarray) -> bool:
+        return images.shape[1] != 3  # pixels are RGB; latents have the VAE's latent channels (given_latents)
+
+    def _pixel_size(self, images: np.ndarray) -> tuple[int, int]:
+        """(height, width) in pixels of `_images`' pixels or latents."""
+        factor = self.folder.vae.scale_factor if self._is_latents(images) else 1
+        return images.shape[2] * factor, images.shape[3] * factor
+
     def _image_and_plan(self, image, strength, num_prompts: int, num_images_per_prompt: int,
                         num_inference_steps: int, eta: float) -> tuple:
-        """Check strength and the images: NCHW pixels in [-1, 1], and the plan cut short by strength."""
-        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-            raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
-        pixels = imageio.from_pil(image, vae_scale_factor=self.folder.vae.scale_factor)
-        self._check_size(*pixels.shape[2:], subject="image ")
-        self._check_image_count(len(pixels), num_prompts, num_images_per_prompt)
+        """Check strength and the images (`_images`), and the plan cut short by strength."""
+        check_strength(strength)
+        images = self._images(image, num_prompts, num_images_per_prompt)
         plan = self.scheduler.plan(num_inference_steps, strength=float(strength), eta=eta,
                                    strength_in_schedule=self.strength_in_schedule)
-        return pixels, plan
+        return images, plan
 
-    def _noised_image_latents(self, pixels: np.ndarray, plan, batch: int, generator, timings: dict) -> np.ndarray:
-        """The images' latents (first draw), tiled over the batch, noised to the plan's first timestep (second
-        draw), as diffusers' prepare_latents."""
-        t0 = time.perf_counter()
-        latents = self.encode_image(pixels, generator)
-        timings["vae_encoder"] = time.perf_counter() - t0
+    def _noised_image_latents(self, images: np.ndarray, plan, batch: int, generator, timings: dict,
+                              add_noise: bool = True) -> np.ndarray:
+        """The images' latents (first draw; none for latents given), tiled over the batch, noised to the plan's
+        first timestep (second draw; none without add_noise), as diffusers' prepare_latents."""
+        latents = images
+        if not self._is_latents(images):
+            t0 = time.perf_counter()
+            latents = self.encode_image(images, generator)
+            timings["vae_encoder"] = time.perf_counter() - t0
         latents = np.tile(latents, (batch // len(latents), 1, 1, 1))
+        if not add_noise:
+            return latents
         noise = generator.randn(latents.shape).astype(np.float32)
         return self.scheduler.add_noise(plan, latents, noise, 0)
 
@@ -116,7 +155,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         progress: bool = False,
     ) -> PipelineOutput:
         """image: a PIL RGB image, an HWC uint8 RGB array, or a list of them (see image.from_pil); the
-        output has its size, rounded down to a multiple of the VAE's factor as diffusers does.
+        output has its size, rounded down to a multiple of the VAE's factor as diffusers does. Or latents
+        (an NCHW float array, as output_type="latent" gives), used without the VAE encoder, as diffusers does.
         strength: in (0, 1]; the share of the steps that are run, from noise that much over the image
         (1 ignores the image's content). Runs int(num_inference_steps * strength) steps.
         guidance_rescale: as txt2img; diffusers' StableDiffusionImg2ImgPipeline has no such option
@@ -124,9 +164,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
                               output_type)
         prompts, negatives = self._prompts(prompt, negative_prompt)
-        pixels, plan = self._image_and_plan(image, strength, len(prompts), num_images_per_prompt, num_inference_steps,
+        images, plan = self._image_and_plan(image, strength, len(prompts), num_images_per_prompt, num_inference_steps,
                                             eta)
-        height, width = pixels.shape[2:]
+        height, width = self._pixel_size(images)
         generator = generator if generator is not None else make_generator(seed, rng)
         timings: dict[str, float] = {}
 
@@ -135,7 +175,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
 
         # 2. Image latents (first random draw), tiled over the batch, noised to the plan's first timestep
         #    (second draw), as diffusers' prepare_latents.
-        latents = self._noised_image_latents(pixels, plan, len(prompts) * num_images_per_prompt, generator, timings)
+        latents = self._noised_image_latents(images, plan, len(prompts) * num_images_per_prompt, generator, timings)
 
         # 3. Denoise, 4. decode: as txt2img.
         latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,

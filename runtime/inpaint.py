@@ -15,7 +15,6 @@ replaced by the picture's latents noised to the next timestep. The loop is txt2i
 
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -26,7 +25,7 @@ from sdrt.runtime import image as imageio
 from sdrt.runtime import masks
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
-from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
+from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline, check_strength
 from sdrt.runtime.pipeline import PipelineOutput
 from sdrt.runtime.rng import make_generator
 
@@ -43,11 +42,6 @@ class InpaintInputs:
     crop: tuple | None  # padding_mask_crop's box (x1, y1, x2, y2) in the original picture
     original: object  # the original PIL picture, with crop
     mask_picture: object  # the first PIL mask, as given
-
-
-def check_strength(strength) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):

@@ -159,7 +159,7 @@ class LatentConsistencyImg2ImgPipeline(LatentConsistencyBase, StableDiffusionImg
         prompts, negatives = self._prompts(prompt, None)
         pixels, plan = self._image_and_plan(image, strength, len(prompts), num_images_per_prompt, num_inference_steps,
                                             0.0)
-        height, width = pixels.shape[2:]
+        height, width = self._pixel_size(pixels)
         generator = generator if generator is not None else make_generator(seed, rng)
         timings: dict[str, float] = {}
         batch = len(prompts) * num_images_per_prompt

@@ -83,8 +83,10 @@ class StableDiffusionBase:
         if low_memory and "session_options" not in engine_options:
             engine_options = {**memory.LOW_MEMORY_SESSION, **engine_options}
         self.engine_options = engine_options
-        self.tokenizer = ClipTokenizer.from_folder(folder.path / "tokenizer")
-        self.text_encoder = self._engine("text_encoder")
+        # None in a folder without the first text encoder (the SDXL refiner: sdrt.runtime.sdxl uses the second only).
+        first_encoder = "text_encoder" in folder.components
+        self.tokenizer = ClipTokenizer.from_folder(folder.path / "tokenizer") if first_encoder else None
+        self.text_encoder = self._engine("text_encoder") if first_encoder else None
         self.unet = self._engine("unet")
         self.vae_choice = select_vae(folder, vae)
         self.vae_decoder = self._nan_safe(self.vae_choice.decoder)
@@ -121,7 +123,7 @@ class StableDiffusionBase:
                     memory.release(engine)
 
     def _engines(self) -> tuple:
-        return (self.text_encoder, self.unet, self.vae_decoder)
+        return tuple(e for e in (self.text_encoder, self.unet, self.vae_decoder) if e is not None)
 
     def release(self) -> None:
         for engine in self._engines():

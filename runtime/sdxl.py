@@ -11,6 +11,14 @@ What SDXL adds to the Stable Diffusion stages (`StableDiffusionBase`):
 - `force_zeros_for_empty_prompt` (model_index.json): without a negative prompt, the unconditional
   embeddings are zeros rather than the encoding of "".
 
+The refiner (stabilityai/stable-diffusion-xl-refiner-1.0) is an img2img model with the second text
+encoder only: `prompt` and `negative_prompt` go to it (prompt_2 has no encoder to go to and is
+refused), and its UNet takes the aesthetic score. The "ensemble of expert denoisers" splits one
+schedule between two models: the base stops at `denoising_end` (output_type="latent") and the refiner
+takes those latents as `image` and resumes at `denoising_start`, with diffusers' timestep arithmetic
+(`denoising_plan`): no VAE encode and no noise added for latents, nothing noised when denoising_start
+is set (a picture given with it is only encoded, as diffusers does).
+
 Negative micro-conditioning: each `negative_*` defaults to its positive counterpart. diffusers differs in
 corners only: its txt2img ignores a negative size unless both negative sizes are given (it then uses
 `negative_crops_coords_top_left`, default (0, 0)), its img2img ignores `negative_crops_coords_top_left`
@@ -22,16 +30,18 @@ from __future__ import annotations
 
 import numbers
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from sdrt.runtime.config import ModelFolder, read_json
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
-from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
+from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline, check_strength
 from sdrt.runtime.pipeline import PipelineOutput, StableDiffusionBase
 from sdrt.runtime.rng import make_generator
+from sdrt.runtime.schedulers.plan import Plan, truncate
+from sdrt.runtime.schedulers.scheduler import Scheduler
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 FAMILY = "stable-diffusion-xl"
@@ -87,6 +97,67 @@ def micro_conditioning(height: int, width: int, aesthetics: bool = False, *, ori
             np.array([negative_original + negative_crops + negative_last], dtype=np.float32))
 
 
+def denoising_fraction(name: str, value) -> float | None:
+    """A denoising_start / denoising_end: None, or a number strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise InvalidInputError(
+            f"{name} must be a number in (0, 1), the share of the schedule (e.g. 0.8 for the base and the refiner "
+            f"of the SDXL ensemble), or None; got {value!r}"
+        )
+    return float(value)
+
+
+def discrete_timestep_cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """The training timestep at which `fraction` of the denoising is done (diffusers' discrete_timestep_cutoff)."""
+    return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+
+def denoising_plan(scheduler: Scheduler, num_inference_steps: int, eta: float = 0.0, strength: float | None = None,
+                   denoising_start: float | None = None, denoising_end: float | None = None) -> Plan:
+    """The plan of num_inference_steps steps, cut as diffusers' SDXL pipelines cut it: at the start by strength
+    (img2img) or, instead, at denoising_start (the evaluations whose timestep is below its cutoff run, one more
+    for a 2nd-order solver when even, so that no step is split); then at denoising_end (the evaluations whose
+    timestep is at or above its cutoff run). Every kept evaluation keeps the full run's coefficients."""
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise InvalidInputError(
+            f"denoising_start={denoising_start} must be below denoising_end={denoising_end}: the run would be empty"
+        )
+    plan = scheduler.plan(num_inference_steps, eta=eta, strength=None if denoising_start is not None else strength)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if denoising_start is not None:
+        cutoff = discrete_timestep_cutoff(denoising_start, num_train_timesteps)
+        kept = int(np.count_nonzero(plan.timesteps < cutoff))
+        if scheduler.evaluations_per_step == 2 and kept % 2 == 0:
+            kept += 1
+        plan = _resume(scheduler, plan, num_inference_steps, eta, plan.num_evaluations - kept, denoising_start)
+    if denoising_end is not None:
+        cutoff = discrete_timestep_cutoff(denoising_end, num_train_timesteps)
+        stop = int(np.count_nonzero(plan.timesteps >= cutoff))
+        if stop == 0:
+            raise InvalidInputError(
+                f"denoising_end={denoising_end} ends before the first timestep ({plan.timesteps[0]}) of this "
+                "run: no step would run; raise denoising_end or num_inference_steps"
+            )
+        plan = replace(truncate(plan, 0, stop), num_inference_steps=-(-stop // scheduler.evaluations_per_step))
+    return plan
+
+
+def _resume(scheduler: Scheduler, full: Plan, num_inference_steps: int, eta: float, start: int,
+            denoising_start: float) -> Plan:
+    """The `full` run's plan from evaluation `start` on, made as img2img's strength cut makes it (Solver.make_plan:
+    a multistep history starts empty there)."""
+    if start >= full.num_evaluations:
+        raise InvalidInputError(
+            f"denoising_start={denoising_start} starts after the last timestep ({full.timesteps[-1]}) of "
+            f"{num_inference_steps} steps: no step would run; lower denoising_start or raise num_inference_steps"
+        )
+    plan = scheduler.solver.make_plan(scheduler.config, int(num_inference_steps), float(eta), start)
+    kept = full.num_evaluations - start
+    return replace(plan, solver=scheduler.name, num_inference_steps=-(-kept // scheduler.evaluations_per_step))
+
+
 def _penultimate_output(folder: ModelFolder, component: str) -> str:
     """The name of the output holding the encoder's penultimate hidden states ("hidden_states.{N-1}")."""
     layers = sorted((name for name in folder.spec(component).output_names if name.startswith("hidden_states.")),
@@ -114,7 +185,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
         super().__init__(folder, provider=provider, scheduler=scheduler, **options)
         self.tokenizer_2 = ClipTokenizer.from_folder(folder.path / "tokenizer_2")
         self.text_encoder_2 = self._engine("text_encoder_2")
-        self._hidden_outputs = (_penultimate_output(folder, "text_encoder"),
+        # No first text encoder (self.text_encoder is None): the refiner, conditioned on the second's states only.
+        self._hidden_outputs = (_penultimate_output(folder, "text_encoder") if self.text_encoder is not None else None,
                                 _penultimate_output(folder, "text_encoder_2"))
         index = read_json(folder.path / "model_index.json")
         self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
@@ -128,6 +200,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         """diffusers' rules: an empty or missing prompt_2 / negative_prompt_2 repeats the first; with
         force_zeros_for_empty_prompt and no negative_prompt, the negatives are zeros (negative_prompt_2 unused)."""
         prompts, negatives = self._prompts(prompt, negative_prompt)
+        self._refuse_second_prompts_without_first_encoder(prompt_2, negative_prompt_2)
         for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
             if value is not None and not isinstance(value, str) and not (
                     isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
@@ -143,6 +216,14 @@ class StableDiffusionXLBase(StableDiffusionBase):
         zero = negative_prompt is None and self.force_zeros_for_empty_prompt
         return Prompts(prompts, prompts_2, negatives, negatives_2, zero)
 
+    def _refuse_second_prompts_without_first_encoder(self, prompt_2, negative_prompt_2) -> None:
+        """With the second encoder only, prompt and negative_prompt go to it (diffusers then ignores prompt_2)."""
+        if self.text_encoder is None and (prompt_2 is not None or negative_prompt_2 is not None):
+            raise InvalidInputError(
+                f"{self.folder.path} has one text encoder (text_encoder_2/, as the SDXL refiner): prompt and "
+                "negative_prompt go to it; leave prompt_2 and negative_prompt_2 out"
+            )
+
     def _time_ids(self, height: int, width: int, aesthetics: bool, conditioning: dict) -> tuple[np.ndarray, ...]:
         rows = micro_conditioning(height, width, aesthetics, **conditioning)
         if rows[0].shape[1] != self._time_ids_size:
@@ -154,10 +235,12 @@ class StableDiffusionXLBase(StableDiffusionBase):
         return rows
 
     def encode_prompt_xl(self, prompts: Sequence[str], prompts_2: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, sequence, hidden + hidden_2) penultimate hidden states of both encoders side by side, and the
-        second encoder's (N, projection) pooled text_embeds."""
-        first = self.text_encoder.run({"input_ids": self.tokenizer(list(prompts))})[self._hidden_outputs[0]]
+        """(N, sequence, hidden + hidden_2) penultimate hidden states of both encoders side by side (the second's
+        alone without a first encoder), and the second encoder's (N, projection) pooled text_embeds."""
         second = self.text_encoder_2.run({"input_ids": self.tokenizer_2(list(prompts_2))})
+        if self.text_encoder is None:
+            return second[self._hidden_outputs[1]], second["text_embeds"]
+        first = self.text_encoder.run({"input_ids": self.tokenizer(list(prompts))})[self._hidden_outputs[0]]
         return np.concatenate([first, second[self._hidden_outputs[1]]], axis=-1), second["text_embeds"]
 
     def _conditioning(self, texts: Prompts, num_images_per_prompt: int, do_cfg: bool,
@@ -170,8 +253,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             texts.negatives + texts.prompts if encode_negatives else texts.prompts,
             texts.negatives_2 + texts.prompts_2 if encode_negatives else texts.prompts_2,
         )
-        for engine in (self.text_encoder, self.text_encoder_2):
-            self._stage_done(engine)
+        self._stage_done(*(e for e in (self.text_encoder, self.text_encoder_2) if e is not None))
         if do_cfg and texts.zero_negatives:
             embeds = np.concatenate([np.zeros_like(embeds), embeds])
             pooled = np.concatenate([np.zeros_like(pooled), pooled])
@@ -196,6 +278,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         negative_prompt: str | Sequence[str] | None = None,
         negative_prompt_2: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
+        denoising_end: float | None = None,
         guidance_scale: float = 5.0,
         guidance_rescale: float = 0.0,
         height: int | None = None,
@@ -216,13 +299,16 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         progress: bool = False,
     ) -> PipelineOutput:
         """Sizes are (height, width) and crops (top, left) in pixels, as diffusers takes them; see
-        micro_conditioning for their defaults."""
+        micro_conditioning for their defaults. denoising_end: in (0, 1), stop once that share of the schedule
+        is done (diffusers' cutoff); with output_type="latent", for a refiner to finish from the same
+        denoising_start (StableDiffusionXLImg2ImgPipeline, image=these latents)."""
         height = self.folder.default_size if height is None else height
         width = self.folder.default_size if width is None else width
         self._check_size(height, width)
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
                               output_type)
         texts = self._xl_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
+        denoising_end = denoising_fraction("denoising_end", denoising_end)
         time_ids = self._time_ids(height, width, False, dict(
             original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
             negative_original_size=negative_original_size, negative_target_size=negative_target_size,
@@ -235,7 +321,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
                                                  timings)
 
         # 2. Initial noise, scaled to the scheduler's first noise level.
-        plan = self.scheduler.plan(num_inference_steps, eta=eta)
+        plan = denoising_plan(self.scheduler, num_inference_steps, eta, denoising_end=denoising_end)
         vae = self.folder.vae
         shape = (len(texts.prompts) * num_images_per_prompt, vae.latent_channels,
                  height // vae.scale_factor, width // vae.scale_factor)
@@ -248,7 +334,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
 
         parameters = self._parameters(texts.prompts, texts.negatives, num_images_per_prompt, generator,
                                       steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
-                                      height=height)
+                                      height=height, denoising_end=denoising_end)
         return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)
 
 
@@ -264,6 +350,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase, StableDiffusionImg
         negative_prompt: str | Sequence[str] | None = None,
         negative_prompt_2: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
         guidance_scale: float = 5.0,
         guidance_rescale: float = 0.0,
         original_size: tuple[int, int] | None = None,
@@ -284,13 +372,21 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase, StableDiffusionImg
         progress: bool = False,
     ) -> PipelineOutput:
         """image and strength as StableDiffusionImg2ImgPipeline's (strength defaults to 0.3, as diffusers');
-        the aesthetic scores are used when model_index.json sets requires_aesthetics_score (the refiner)."""
+        image may be latents (an NCHW float array, as output_type="latent" gives), used without the VAE encoder.
+        denoising_start: in (0, 1), resume the schedule there instead of cutting it by strength (ignored then),
+        from the image as it is: nothing is noised (the refiner's half of the SDXL ensemble, on the base's
+        latents stopped at the same denoising_end). denoising_end: as StableDiffusionXLPipeline's.
+        The aesthetic scores are used when model_index.json sets requires_aesthetics_score (the refiner)."""
         self._check_arguments(num_inference_steps, guidance_scale, guidance_rescale, eta, num_images_per_prompt,
                               output_type)
         texts = self._xl_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2)
-        pixels, plan = self._image_and_plan(image, strength, len(texts.prompts), num_images_per_prompt,
-                                            num_inference_steps, eta)
-        height, width = pixels.shape[2:]
+        check_strength(strength)
+        denoising_start = denoising_fraction("denoising_start", denoising_start)
+        denoising_end = denoising_fraction("denoising_end", denoising_end)
+        images = self._images(image, len(texts.prompts), num_images_per_prompt)
+        plan = denoising_plan(self.scheduler, num_inference_steps, eta, float(strength), denoising_start,
+                              denoising_end)
+        height, width = self._pixel_size(images)
         time_ids = self._time_ids(height, width, self.requires_aesthetics_score, dict(
             original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
             negative_original_size=negative_original_size, negative_target_size=negative_target_size,
@@ -303,9 +399,10 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase, StableDiffusionImg
         embeds, unet_inputs = self._conditioning(texts, num_images_per_prompt, guidance_scale > 1.0, time_ids,
                                                  timings)
 
-        # 2. Image latents, noised to the plan's first timestep (two random draws, as diffusers').
-        latents = self._noised_image_latents(pixels, plan, len(texts.prompts) * num_images_per_prompt, generator,
-                                             timings)
+        # 2. Image latents (a draw for pictures), noised to the plan's first timestep (a second draw) unless the
+        #    run resumes at denoising_start, as diffusers'.
+        latents = self._noised_image_latents(images, plan, len(texts.prompts) * num_images_per_prompt, generator,
+                                             timings, add_noise=denoising_start is None)
 
         # 3. Denoise, 4. decode.
         latents = self._denoise(plan, latents, embeds, guidance_scale, guidance_rescale, generator, callback,
@@ -314,5 +411,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLBase, StableDiffusionImg
 
         parameters = self._parameters(texts.prompts, texts.negatives, num_images_per_prompt, generator,
                                       steps=num_inference_steps, guidance_scale=guidance_scale, width=width,
-                                      height=height, denoising_strength=strength)
+                                      height=height, denoising_strength=None if denoising_start else strength,
+                                      denoising_start=denoising_start, denoising_end=denoising_end)
         return PipelineOutput(images, getattr(generator, "seed", None), parameters, timings)

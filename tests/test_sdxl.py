@@ -17,7 +17,6 @@ from reference import load_pipes, reference
 from test_img2img import picture
 
 from sdrt.export.api import export_pipeline
-from sdrt.export.errors import UnsupportedModelError
 from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
 from sdrt.runtime.cli import main
 from sdrt.runtime.config import ModelFolder
@@ -105,16 +104,6 @@ def test_second_tokenizer_matches_transformers(xl_exported, xl_checkpoints):
     prompts = PROMPTS + ["", "wow!! ! a cat"]
     expected = theirs(prompts, padding="max_length", max_length=77, truncation=True).input_ids
     np.testing.assert_array_equal(ours(prompts), np.array(expected))
-
-
-def test_refiner_without_first_text_encoder_is_refused(xl_checkpoints, tmp_path):
-    src = shutil.copytree(xl_checkpoints["aesthetic"], tmp_path / "refiner")
-    index = json.loads((src / "model_index.json").read_text())
-    (src / "model_index.json").write_text(json.dumps(dict(index, text_encoder=[None, None], tokenizer=[None, None])))
-    shutil.rmtree(src / "text_encoder")
-    with pytest.raises(UnsupportedModelError, match="refiner.*not supported yet"):
-        export_pipeline(src, tmp_path / "out", log=quiet)
-    assert not (tmp_path / "out").exists()
 
 
 # -- text-to-image parity --------------------------------------------------------------------------

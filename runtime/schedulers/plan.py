@@ -110,25 +110,26 @@ def sigma_noise_coefficients(sigmas: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(sigmas), sigmas], axis=1)
 
 
-def truncate(plan: Plan, start: int) -> Plan:
-    """The plan without its first `start` evaluations (img2img), slicing every per-evaluation array."""
-    if start == 0:
+def truncate(plan: Plan, start: int, stop: int | None = None) -> Plan:
+    """The plan without its first `start` evaluations (img2img), and, given `stop`, without those from `stop` on
+    (SDXL's denoising_end), slicing every per-evaluation array; the coefficients stay the full run's."""
+    if start == 0 and stop is None:
         return plan
     table = plan.coefficients
     if table is not None:
         table = dataclasses.replace(
             table,
             **{
-                f.name: frozen(getattr(table, f.name)[start:])
+                f.name: frozen(getattr(table, f.name)[start:stop])
                 for f in dataclasses.fields(table)
                 if isinstance(getattr(table, f.name), np.ndarray)
             },
         )
     return dataclasses.replace(
         plan,
-        timesteps=frozen(plan.timesteps[start:]),
-        input_divisors=frozen(plan.input_divisors[start:]),
-        noise_coefficients=frozen(plan.noise_coefficients[start:]),
+        timesteps=frozen(plan.timesteps[start:stop]),
+        input_divisors=frozen(plan.input_divisors[start:stop]),
+        noise_coefficients=frozen(plan.noise_coefficients[start:stop]),
         coefficients=table,
     )
 
