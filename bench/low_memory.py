@@ -1,12 +1,17 @@
 """Peak memory of sdrt's low-memory mode and tiled VAE against diffusers, one fresh process per side.
 
     flock /tmp/sdrt-heavy.lock python bench/low_memory.py --sd15 --steps 20
+    flock /tmp/sdrt-heavy.lock python bench/low_memory.py --sd15 --steps 20 --onnx FUSED --int8 FUSED_INT8
     python bench/low_memory.py --tiny sd1 --steps 5        # seconds; checks the script
 
 Sides (each its own subprocess, run one after the other so that they never share the machine's
-memory): diffusers on torch (fp32), sdrt normal, sdrt --low-memory, sdrt --low-memory with tiled VAE.
+memory): diffusers on torch (fp32), sdrt normal, sdrt --low-memory, sdrt --low-memory with tiled VAE,
+and with --int8 DIR, --low-memory on that int8 folder, whole and tiled decode. The sdrt fp32 sides run
+the plain export, or the folder --onnx names (e.g. `sdrt optimize --optimize cpu`'s, whose fused
+attention never materializes the score maps).
 Each makes one image from process start (prompt + negative, CFG, the same seed) and reports its
-peak RSS (Linux VmHWM: the process's whole life, loading included), the time from process start
+peak RSS (Linux VmHWM: the process's whole life, loading included), the peak when the last denoising
+step ends (so whether the UNet stage or the VAE decode sets the peak), the time from process start
 to the image (cold start) and the pipeline call alone (end to end). The images are compared:
 low-memory must equal normal exactly; tiled vs whole decode is reported as PSNR.
 
@@ -40,12 +45,18 @@ SIDES = {
     "sdrt-low-memory-tiled": {"low_memory": True, "tiled": True},
 }
 # With --int8 DIR (an `sdrt quantize` copy of the same export): low-memory mode on the int8 UNet/text encoder.
-INT8_SIDE = {"sdrt-low-memory-int8": {"low_memory": True, "int8": True}}
+INT8_SIDES = {"sdrt-low-memory-int8": {"low_memory": True, "int8": True},
+              "sdrt-low-memory-int8-tiled": {"low_memory": True, "int8": True, "tiled": True}}
 
 
 def worker(side: str, spec: dict, started: float) -> dict:
     """Load one side and make one image; `started` is the parent's clock when it spawned this process."""
     t_import = time.time()
+    denoised = {}
+
+    def record_peak():  # at each denoising step: the peak so far, kept from the last one
+        denoised["peak_rss_mib"] = rb.peak_rss_mb()
+
     if side == "diffusers":
         import diffusers
         import torch
@@ -58,7 +69,8 @@ def worker(side: str, spec: dict, started: float) -> dict:
         with torch.inference_mode():
             image = pipe(spec["prompt"], negative_prompt=spec["negative"], num_inference_steps=spec["steps"],
                          guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"],
-                         generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np").images
+                         generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np",
+                         callback_on_step_end=lambda p, i, t, tensors: record_peak() or tensors).images
         engine = f"torch {torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}"
     else:
         import onnxruntime
@@ -66,10 +78,9 @@ def worker(side: str, spec: dict, started: float) -> dict:
         from sdrt.runtime.pipeline import StableDiffusionPipeline
         from sdrt.runtime.tiling import Tiling
 
-        options = {**SIDES, **INT8_SIDE}[side]
+        options = {**SIDES, **INT8_SIDES}[side]
         tiling = Tiling(spec["tile_size"], spec["tile_overlap"]) if options.get("tiled") else None
         t0 = time.time()
-        options = {**SIDES, **INT8_SIDE}[side]
         folder = spec["int8"] if options.get("int8") else spec["exported"]
         pipe = StableDiffusionPipeline.from_pretrained(folder, low_memory=options.get("low_memory", False),
                                                        vae_tiling=tiling)
@@ -79,12 +90,14 @@ def worker(side: str, spec: dict, started: float) -> dict:
         loaded = time.time()
         out = pipe(spec["prompt"], negative_prompt=spec["negative"], num_inference_steps=spec["steps"],
                    guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"], seed=spec["seed"],
-                   output_type="np")
+                   output_type="np", callback=lambda i, t, latents: record_peak())
         image = out.images
         engine = f"onnxruntime {onnxruntime.__version__} (CPU provider, default threads)"
     done = time.time()
     np.save(spec["image_path"], image.astype(np.float32))
-    return {"peak_rss_mib": rb.peak_rss_mb(), "cold_start_s": done - started, "interpreter_s": t_import - started,
+    return {"peak_rss_mib": rb.peak_rss_mb(), "peak_rss_denoised_mib": denoised.get("peak_rss_mib"),
+            "folder": spec["int8"] if side != "diffusers" and options.get("int8") else
+            spec["exported"] if side != "diffusers" else spec["checkpoint"], "cold_start_s": done - started, "interpreter_s": t_import - started,
             "import_s": t0 - t_import, "load_s": loaded - t0, "end_to_end_s": done - loaded, "engine": engine,
             "torch_imported": "torch" in sys.modules}
 
@@ -101,12 +114,14 @@ def run_side(side: str, spec: dict, tmp: Path) -> tuple[dict, np.ndarray]:
 
 def measure(args) -> dict:
     ckpt, exported, label = prepare(args)
+    if args.onnx:
+        exported, label = args.onnx, f"{label}-{args.onnx.name}"
     width, height = args.size
     spec = {"checkpoint": str(ckpt), "exported": str(exported), "prompt": PROMPT, "negative": NEGATIVE,
             "steps": args.steps, "guidance": args.guidance, "width": width, "height": height, "seed": args.seed,
             "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
             "int8": str(args.int8) if args.int8 else None}
-    sides_run = {**SIDES, **(INT8_SIDE if args.int8 else {})}
+    sides_run = {**SIDES, **(INT8_SIDES if args.int8 else {})}
     machine = rb.machine_info(extra_libraries=("torch", "diffusers", "transformers"))
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sides, images = {}, {}
@@ -138,7 +153,9 @@ def measure(args) -> dict:
             "sdrt_low_memory_vs_sdrt": image_difference(images["sdrt-low-memory"], images["sdrt"]),
             "sdrt_tiled_vs_whole_decode": image_difference(images["sdrt-low-memory-tiled"], images["sdrt-low-memory"]),
             "sdrt_vs_diffusers": image_difference(images["sdrt"], images["diffusers"]),
-            **({"sdrt_int8_vs_fp32": image_difference(images["sdrt-low-memory-int8"], images["sdrt-low-memory"])}
+            **({"sdrt_int8_vs_fp32": image_difference(images["sdrt-low-memory-int8"], images["sdrt-low-memory"]),
+                "sdrt_int8_tiled_vs_whole_decode": image_difference(images["sdrt-low-memory-int8-tiled"],
+                                                                    images["sdrt-low-memory-int8"])}
                if args.int8 else {}),
         },
     }
@@ -146,7 +163,8 @@ def measure(args) -> dict:
 
 LABELS = {"diffusers": "diffusers (torch, fp32)", "sdrt": "sdrt normal", "sdrt-low-memory": "sdrt --low-memory",
           "sdrt-low-memory-tiled": "sdrt --low-memory, tiled VAE",
-          "sdrt-low-memory-int8": "sdrt --low-memory, int8 UNet + text encoder (sdrt quantize)"}
+          "sdrt-low-memory-int8": "sdrt --low-memory, int8 UNet + text encoder (sdrt quantize)",
+          "sdrt-low-memory-int8-tiled": "sdrt --low-memory, int8, tiled VAE"}
 
 
 def to_markdown(result: dict) -> str:
@@ -160,15 +178,19 @@ def to_markdown(result: dict) -> str:
         f"tiled VAE: {s['tile_size']} px tiles, {s['tile_overlap']} px overlap. {s['order']}. One image per process: "
         "peak RSS is VmHWM over the whole process (loading included); cold start is process start to image.",
         "",
-        "| side | peak RSS (MiB) | / diffusers | cold start s | load s | end to end s | e2e / diffusers |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Folders: " + "; ".join(f"{side}: `{sides[side]['folder']}`" for side in sides) + ".",
+        "",
+        "| side | peak RSS (MiB) | / diffusers | peak at the last step (MiB) | cold start s | load s | end to end s "
+        "| e2e / diffusers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side, label in LABELS.items():
         if side not in sides:
             continue
         r = ratios.get(side, {"peak_rss": 1.0, "end_to_end": 1.0})
+        denoised = sides[side].get("peak_rss_denoised_mib")
         lines.append(f"| {label} | {sides[side]['peak_rss_mib']:,.0f} | {r['peak_rss']:.2f} | "
-                     f"{sides[side]['cold_start_s']:.1f} | {sides[side]['load_s']:.1f} | "
+                     f"{'-' if denoised is None else f'{denoised:,.0f}'} | {sides[side]['cold_start_s']:.1f} | {sides[side]['load_s']:.1f} | "
                      f"{sides[side]['end_to_end_s']:.1f} | {r['end_to_end']:.2f} |")
     lines += [
         "",
@@ -178,7 +200,8 @@ def to_markdown(result: dict) -> str:
         f"sdrt vs diffusers max |diff| = {d['sdrt_vs_diffusers']['max_abs']:.2e}, "
         f"PSNR {d['sdrt_vs_diffusers']['psnr_db']:.1f} dB." + (
             f" int8 vs fp32 (both low-memory): max |diff| = {d['sdrt_int8_vs_fp32']['max_abs']:.2e}, "
-            f"PSNR {d['sdrt_int8_vs_fp32']['psnr_db']:.1f} dB." if "sdrt_int8_vs_fp32" in d else ""),
+            f"PSNR {d['sdrt_int8_vs_fp32']['psnr_db']:.1f} dB; int8 tiled vs whole decode PSNR "
+            f"{d['sdrt_int8_tiled_vs_whole_decode']['psnr_db']:.1f} dB." if "sdrt_int8_vs_fp32" in d else ""),
         "",
         f"Load average (1 min): {result['machine']['load_average_1m']:.2f} at start, "
         f"{result['load_average_1m_after']:.2f} after, on {result['machine']['cpu_cores']} cores.",
@@ -200,9 +223,12 @@ def main(argv=None) -> int:
     p.add_argument("--tile-overlap", type=int, default=64, help="tiled side: overlap in px (default 64)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--onnx", type=Path, default=None,
+                   help="the folder for the sdrt fp32 sides (default: the plain export in the cache), e.g. its "
+                        "`sdrt optimize --optimize cpu` copy")
     p.add_argument("--int8", type=Path, default=None,
                    help="also run low-memory mode on this int8 folder (`sdrt quantize` of the same export)")
-    p.add_argument("--worker", choices=tuple(SIDES) + tuple(INT8_SIDE), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=tuple(SIDES) + tuple(INT8_SIDES), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--started", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -134,6 +134,26 @@ def activation_matmuls(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
 
 
+def declare_domains(src: Path, work: Path) -> Path:
+    """`src`, or a copy in `work` that declares every operator domain its nodes use.
+
+    onnxruntime's transformers optimizer leaves com.microsoft undeclared in the CLIP graph it fuses
+    (`sdrt optimize --optimize cpu`'s text encoder): onnxruntime runs it anyway, but ONNX shape
+    inference, which both quantizers run first, refuses a node whose domain has no opset import."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    declared = {o.domain or "ai.onnx" for o in model.opset_import}
+    missing = sorted({n.domain for n in model.graph.node if n.domain} - declared)
+    if not missing:
+        return src
+    model = onnx.load(str(src))
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in missing)
+    out = work / "declared.onnx"
+    save_model(model, out)
+    return out
+
+
 def quantize_file(src: Path, dst: Path, static_ops: Sequence[str], dynamic_ops: Sequence[str],
                   feeds: Sequence[dict] | None, input_names: Sequence[str], per_channel: bool,
                   reduce_range: bool) -> None:
@@ -142,7 +162,7 @@ def quantize_file(src: Path, dst: Path, static_ops: Sequence[str], dynamic_ops: 
 
     large = (src.parent / (src.name + "_data")).is_file()
     with tempfile.TemporaryDirectory(prefix="sdrt-quantize-", dir=dst.parent) as work:
-        current = src
+        current = declare_domains(src, Path(work))
         if static_ops:
             reader = FeedReader(feeds or [], input_names)  # refuses zero samples before any work
             from onnxruntime.quantization.shape_inference import quant_pre_process

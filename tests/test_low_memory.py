@@ -3,6 +3,8 @@ normal mode, engines released between stages, and its options on the command lin
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -96,6 +98,38 @@ def test_low_memory_holds_one_engine_at_a_time(exported):
     assert len(unet_calls) == 2 * STEPS
     assert all(len(c["feed"]["sample"]) == 1 for c in unet_calls)
     assert pipe.unet.options.enable_mem_arena is False and pipe.unet.options.enable_mem_pattern is False
+
+
+def test_low_memory_loads_the_unet_once_per_generation(exported):
+    """Sequential guidance halves share one UNet session: loaded at the first call, released after the loop."""
+    pipe = StableDiffusionPipeline.from_pretrained(exported["sd1"], scheduler="euler", low_memory=True)
+    loads = []
+    load = pipe.unet.load
+    pipe.unet.load = lambda: (loads.append(pipe.unet.loaded), load())[1]
+    for _ in range(2):
+        pipe(PROMPTS[0], num_inference_steps=STEPS, guidance_scale=7.5, seed=0, output_type="latent")
+    assert loads.count(False) == 2, f"the UNet session was created {loads.count(False)} times in 2 generations"
+    assert not pipe.unet.loaded
+
+
+@pytest.fixture(scope="module")
+def fused(exported, tmp_path_factory):
+    """The sd1 export with every attention fused into MultiHeadAttention (`sdrt optimize --optimize cpu`)."""
+    from sdrt.export.optimize import optimize_folder
+
+    return optimize_folder(exported["sd1"], tmp_path_factory.mktemp("fused") / "cpu", "cpu", "fp32",
+                           log=lambda m: None)
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_low_memory_on_fused_attention_gives_the_same_image(fused, guidance_scale):
+    """The fused folder (the one low-memory mode is measured on) runs the same in both modes."""
+    attention = json.loads((fused / "sdrt.json").read_text())["validation_optimize"]["unet"]["attention"]
+    assert attention["fused"] > 0 and attention["softmax_left"] == 0
+    kwargs = dict(prompt=PROMPTS[0], negative_prompt="blurry", guidance_scale=guidance_scale)
+    normal = run(StableDiffusionPipeline, fused, "dpm++2m")(**kwargs)
+    low = run(StableDiffusionPipeline, fused, "dpm++2m", low_memory=True)(**kwargs)
+    assert np.abs(low - normal).max() == 0.0
 
 
 def test_normal_mode_keeps_engines_loaded(exported):

@@ -215,3 +215,39 @@ def test_qdq_mode_keeps_attention_products_fp32(exported, tmp_path):
     kept = q.activation_matmuls(exported["sd1"] / "unet" / "model.onnx")
     assert quantized and kept and "MatMulInteger" not in op_types(out / "unet" / "model.onnx")
     assert {n.name for n in matmuls if producer.get(n.input[0]) != "DequantizeLinear"} >= set(kept)
+
+
+def test_static_mode_on_cpu_optimized_folder(exported, tmp_path):
+    """Static int8 of a `sdrt optimize --optimize cpu` folder, both default components: the fused text encoder
+    (whose com.microsoft domain onnxruntime's optimizer leaves undeclared) quantizes, the UNet keeps its
+    MultiHeadAttention nodes, and the folder validates and generates."""
+    from sdrt.export.optimize import optimize_folder
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+    fused = optimize_folder(exported["sd1"], tmp_path / "fused", "cpu", "fp32", log=lambda m: None)
+    out = q.quantize_folder(fused, tmp_path / "int8", mode="static", calibration=1, calibration_steps=2, **QUIET)
+    manifest = json.loads((out / "sdrt.json").read_text())
+    assert all(manifest["validation_quantize"][c]["passed"] for c in ("unet", "text_encoder"))
+    unet = q.op_counts(out / "unet" / "model.onnx")
+    assert unet["MultiHeadAttention"] == q.op_counts(fused / "unet" / "model.onnx")["MultiHeadAttention"] > 0
+    assert {"QuantizeLinear", "MatMulInteger"} <= set(unet) and "Softmax" not in unet
+    assert "MatMulInteger" in op_types(out / "text_encoder" / "model.onnx")
+    image = StableDiffusionPipeline.from_pretrained(out, low_memory=True)("a cat", num_inference_steps=2, seed=0,
+                                                                          output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_declare_domains_adds_missing_opset_imports(tmp_path):
+    """A node of an undeclared domain gets its opset import in a copy; a complete model is returned as is."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    src = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    fixed = q.declare_domains(src, tmp_path)
+    assert fixed != src
+    assert {o.domain for o in onnx.load(str(fixed)).opset_import} == {"", "com.microsoft"}
+    onnx.shape_inference.infer_shapes(onnx.load(str(fixed)), strict_mode=True)
+    assert q.declare_domains(fixed, tmp_path / "unused") == fixed
