@@ -30,7 +30,10 @@ def assert_attention_fused(out, expected: dict):
     for name, report in manifest["validation_optimize"].items():
         component = name.removesuffix("_fp32")
         if component in expected:
-            assert report["attention"] == {"fused": expected[component], "softmax_left": 0}, name
+            attention = report["attention"]
+            assert (attention["fused"], attention["softmax_left"]) == (expected[component], 0), name
+            if manifest["optimize"]["profile"] == "gpu":  # every one packed: QKV (self) or KV (cross)
+                assert attention["packed_qkv"] + attention["packed_kv"] == expected[component], name
             ops = op_types(out / name / "model.onnx")
             assert "MultiHeadAttention" in ops and "Softmax" not in ops, name
         else:
@@ -91,8 +94,15 @@ def test_fp16_folder_generates(optimized):
 def test_gpu_profile_has_fused_ops(optimized):
     out = optimized["gpu", "fp16"]
     manifest = json.loads((out / "sdrt.json").read_text())
-    for name, report in manifest["validation_optimize"].items():
-        assert report["run"] == "not run: no GPU"
+    for name, report in manifest["validation_optimize"].items():  # run on the CPU, CUDA-only ops lowered
+        assert report["passed"] and report["run"].startswith("CPU provider, the CUDA-only ops lowered")
+        assert len({json.dumps(c["dims"]) for c in report["checks"]}) == 2
+        assert all(c["max_abs"] <= opt.TOLERANCE["fp16"] * max(1, c["max_ref"]) for c in report["checks"])
+    lowered = manifest["validation_optimize"]["unet"]["lowered"]
+    assert lowered["MultiHeadAttention"] == 8 and {"GroupNorm", "SkipGroupNorm", "NhwcConv"} <= set(lowered)
+    assert manifest["validation_optimize"]["unet"]["attention"] == {"fused": 8, "softmax_left": 0, "packed_qkv": 4,
+                                                                    "packed_kv": 4}
+    assert manifest["validation_optimize"]["unet"]["bias_split_gelu"] == 0  # the tiny UNet's width has no kernel
     unet_ops = op_types(out / "unet" / "model.onnx")
     assert {"GroupNorm", "SkipGroupNorm", "NhwcConv", "MultiHeadAttention"} <= unet_ops
     for vae in ("vae_decoder", "vae_encoder", "vae_decoder_fp32"):
