@@ -9,6 +9,8 @@ the fp32 file of the input folder (itself validated against torch at export), ru
 on seeded random inputs at the two shapes recorded in the input's validation report; torch is
 not needed. Rule: max |optimized - input| <= atol * max(1, max |input|), atol = 1e-4 for fp32 and
 2e-2 for fp16 (fp16 keeps ~3 decimal digits, and errors add up over the UNet's layers).
+The VAE decoders' reports also give the decoded image's PSNR against the input's (`psnr_db` per check),
+which `sdrt optimize` prints: the figure that says whether fp16 changed the picture.
 The gpu profile's graphs hold ops only the CUDA provider runs: they are validated the same way on the
 CPU after sdrt.export.lowering rewrote those ops into standard ONNX with their documented semantics
 (which checks the fusions' wiring and the fp16 conversion, not the CUDA kernels), and structurally
@@ -67,6 +69,7 @@ ATTENTION_MODEL_TYPES = ("unet", "vae")  # where sdrt.export.attention fuses the
 FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNorm", "SkipGroupNorm", "InstanceNormalization",
                       "LayerNormalization", "SkipLayerNormalization", "RandomNormalLike", "Range",
                       "Sin", "Cos", "Exp", "Pow", "ReduceMean", "Softmax"]
+DECODERS = ("vae_decoder", "vae_tiny_decoder")  # their reports also give the decoded image's PSNR
 # Components an fp16 folder also keeps in fp32, for the runtime's NaN fallback.
 FP32_FALLBACKS = ("vae_decoder",)
 # Fused op types a gpu-profile graph is expected to hold, per model type, when the network has the op they
@@ -167,9 +170,17 @@ def validation_shapes(manifest: dict, name: str) -> list[dict]:
     return shapes
 
 
+def decoded_psnr(reference: np.ndarray, got: np.ndarray) -> float:
+    """PSNR (dB) between two VAE decoder outputs as images: [-1, 1] mapped to [0, 1] and clipped, as the
+    runtime does before writing pixels; 200 dB for identical images (JSON has no inf)."""
+    mse = float(np.mean((np.clip(got / 2 + 0.5, 0, 1) - np.clip(reference / 2 + 0.5, 0, 1)) ** 2))
+    return 10 * float(np.log10(1.0 / max(mse, 1e-20)))
+
+
 def compare_files(reference: Path, optimized: Path, spec_json: dict, shapes: list[dict], precision: str,
-                  provider: str = "cpu") -> dict:
-    """Run both files at each shape; return a JSON-able report, raising ValidationError on a miss."""
+                  provider: str = "cpu", decoder: bool = False) -> dict:
+    """Run both files at each shape; return a JSON-able report, raising ValidationError on a miss. For a VAE
+    decoder (`decoder`) each check also reports the decoded image's PSNR against the reference's."""
     atol = TOLERANCE[precision]
     ref_engine, opt_engine = OrtEngine(reference), OrtEngine(optimized, provider=provider)
     checks = []
@@ -183,6 +194,8 @@ def compare_files(reference: Path, optimized: Path, spec_json: dict, shapes: lis
                 max_ref = float(np.max(np.abs(r)))
                 passed = bool(np.isfinite(g).all()) and max_abs <= atol * max(1.0, max_ref)
                 checks.append({"dims": dims, "output": out, "max_abs": max_abs, "max_ref": max_ref, "passed": passed})
+                if decoder:
+                    checks[-1]["psnr_db"] = decoded_psnr(r, g)
     except ExportError:
         raise
     except Exception as e:  # EngineError: the optimized graph does not load or run
@@ -221,7 +234,8 @@ def check_gpu_graph(src: Path, dst: Path, model_type: str) -> dict:
             "passed": True}
 
 
-def compare_lowered(src: Path, dst: Path, spec: dict, shapes: list[dict], precision: str) -> dict:
+def compare_lowered(src: Path, dst: Path, spec: dict, shapes: list[dict], precision: str,
+                    decoder: bool = False) -> dict:
     """compare_files for a gpu-profile graph, run on the CPU provider after sdrt.export.lowering rewrote its
     CUDA-only ops into standard ONNX with their documented semantics (the kernels themselves are not run)."""
     import tempfile
@@ -236,7 +250,7 @@ def compare_lowered(src: Path, dst: Path, spec: dict, shapes: list[dict], precis
         path = Path(work) / "model.onnx"
         save_model(model, path)
         del model
-        report = compare_files(src, path, spec, shapes, precision)
+        report = compare_files(src, path, spec, shapes, precision, decoder=decoder)
     report["run"] = ("CPU provider, the CUDA-only ops lowered to standard ONNX (sdrt.export.lowering): checks the "
                      "fused graph under each op's documented semantics, not the CUDA kernels")
     report["lowered"] = lowered
@@ -276,11 +290,12 @@ def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list
     """Optimize one network file and validate it on the CPU (gpu: lowered, and structurally checked); the report."""
     model_type = MODEL_TYPE[name]
     attention = optimize_file(src, dst, model_type, profile, precision)
+    decoder = name in DECODERS
     if profile == "cpu":
-        report = compare_files(src, dst, spec, shapes, precision)
+        report = compare_files(src, dst, spec, shapes, precision, decoder=decoder)
     else:
         structure = check_gpu_graph(src, dst, model_type)
-        report = {**compare_lowered(src, dst, spec, shapes, precision), **structure}
+        report = {**compare_lowered(src, dst, spec, shapes, precision, decoder=decoder), **structure}
     split_gelu = attention.pop("bias_split_gelu", None)
     if split_gelu is not None:
         report["bias_split_gelu"] = split_gelu
@@ -326,6 +341,9 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
             if "attention" in report:
                 log(f"{name}: fused {report['attention']['fused']} attention(s), "
                     f"{report['attention']['softmax_left']} Softmax left")
+            if name in DECODERS:
+                log(f"{name}: decoded image PSNR vs the fp32 export "
+                    f"{min(c['psnr_db'] for c in report['checks']):.1f} dB (worst shape)")
         fallbacks = [n for n in FP32_FALLBACKS if n in manifest["components"]] if precision == "fp16" else []
         for name in fallbacks:
             target = f"{name}_fp32"

@@ -81,6 +81,10 @@ def test_cpu_fp16_within_tolerance_and_decoded_psnr(optimized, exported):
     psnr = 10 * np.log10(1.0 / max(mse, 1e-20))
     print(f"vae_decoder fp16 vs fp32 PSNR: {psnr:.1f} dB")
     assert psnr > 40
+    reported = [c["psnr_db"] for c in manifest["validation_optimize"]["vae_decoder"]["checks"]]
+    assert len(reported) == 2 and min(reported) > 40  # sdrt.json gives it too, per validation shape
+    assert opt.decoded_psnr(images[0] * 2 - 1, images[0] * 2 - 1) == 200.0
+    assert opt.decoded_psnr(np.zeros((1, 3, 4, 4)), np.full((1, 3, 4, 4), 0.2)) == pytest.approx(20 * np.log10(10))
 
 
 def test_fp16_folder_generates(optimized):
@@ -98,6 +102,7 @@ def test_gpu_profile_has_fused_ops(optimized):
         assert report["passed"] and report["run"].startswith("CPU provider, the CUDA-only ops lowered")
         assert len({json.dumps(c["dims"]) for c in report["checks"]}) == 2
         assert all(c["max_abs"] <= opt.TOLERANCE["fp16"] * max(1, c["max_ref"]) for c in report["checks"])
+    assert min(c["psnr_db"] for c in manifest["validation_optimize"]["vae_decoder"]["checks"]) > 40
     lowered = manifest["validation_optimize"]["unet"]["lowered"]
     assert lowered["MultiHeadAttention"] == 8 and {"GroupNorm", "SkipGroupNorm", "NhwcConv"} <= set(lowered)
     assert manifest["validation_optimize"]["unet"]["attention"] == {"fused": 8, "softmax_left": 0, "packed_qkv": 4,
