@@ -25,6 +25,10 @@ for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "
     PIPELINES[_name] = PIPELINES["ORT" + _name] = "stable-diffusion-xl"
 
 
+# onnxruntime providers with kernels for the gpu optimize profile's ops (TensorRT's provider hands them to CUDA).
+GPU_PROFILE_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelFolderError(f"{path} is missing; is {path.parent.parent} an exported sdrt/optimum folder?")
@@ -135,3 +139,26 @@ class ModelFolder:
 
     def precision(self) -> str:
         return (self.manifest or {}).get("precision", "fp32")
+
+    def check_provider(self, provider) -> None:
+        """Refuse a provider that cannot run this folder's files, before any engine is made: an `sdrt optimize`
+        folder holds onnxruntime's com.microsoft ops, which TensorRT's ONNX parser does not know, and the gpu
+        profile's (GroupNorm, NhwcConv, packed attention…) have no kernels outside the GPU providers."""
+        profile = ((self.manifest or {}).get("optimize") or {}).get("profile")
+        if profile is None:
+            return
+        from sdrt.engines.providers import parse_provider
+
+        choice = parse_provider(provider)
+        if choice.backend == "tensorrt":
+            raise UnsupportedConfigError(
+                f"{self.path} was optimized for onnxruntime (`sdrt optimize --optimize {profile}`): its files hold "
+                "onnxruntime's com.microsoft ops, which TensorRT's ONNX parser does not know. Give the native "
+                "TensorRT backend the plain `sdrt export` folder (TensorRT makes its own fusions and fp16), or run "
+                "this folder with --provider cuda.")
+        names = {entry if isinstance(entry, str) else entry[0] for entry in choice.providers}
+        if profile == "gpu" and not names & GPU_PROFILE_PROVIDERS:
+            raise UnsupportedConfigError(
+                f"{self.path} was optimized for the CUDA provider (`sdrt optimize --optimize gpu`: GroupNorm, "
+                f"NhwcConv, packed attention… have no {choice.kind} kernels). Run it with --provider cuda, or "
+                "make a folder for the CPU from the export: sdrt optimize EXPORT OUT --optimize cpu")

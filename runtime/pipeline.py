@@ -65,6 +65,7 @@ class StableDiffusionBase:
         if vae_tiling is not None:
             vae_tiling.check(folder.vae.scale_factor)
         self._check_unet_channels(folder)
+        folder.check_provider(provider)
         if folder.unet_config.get("time_cond_proj_dim") is not None and not self.uses_timestep_cond:
             raise UnsupportedConfigError(
                 f"{folder.path} is a Latent Consistency Model (its UNet takes a guidance embedding): run it with "

@@ -281,3 +281,21 @@ def test_tiny_vae_is_optimized_like_the_vae(with_taesd, tmp_path, profile):
         pipe = StableDiffusionPipeline.from_pretrained(out, provider="cpu", vae="taesd")
         image = pipe("a red circle", num_inference_steps=2, seed=0, output_type="np").images
         assert np.isfinite(image).all()
+
+
+def test_optimized_folders_refuse_providers_that_cannot_run_them(optimized):
+    """A gpu-profile folder needs a GPU provider; no optimized folder goes to native TensorRT (its parser does not
+    know com.microsoft ops): both refused before any engine is made, with what to run instead."""
+    from sdrt.runtime.config import ModelFolder
+    from sdrt.runtime.errors import UnsupportedConfigError
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+    gpu, cpu = optimized["gpu", "fp16"], optimized["cpu", "fp32"]
+    with pytest.raises(UnsupportedConfigError, match=r"optimized for the CUDA provider .*--optimize cpu"):
+        StableDiffusionPipeline.from_pretrained(gpu, provider="cpu")
+    for folder in (gpu, cpu):
+        with pytest.raises(UnsupportedConfigError, match=r"TensorRT's ONNX parser does not know.*plain `sdrt export`"):
+            StableDiffusionPipeline.from_pretrained(folder, provider="tensorrt")
+    for provider in ("cuda", "cuda:1", "tensorrt-ep", ["CUDAExecutionProvider", "CPUExecutionProvider"]):
+        ModelFolder.open(gpu).check_provider(provider)  # accepted (engines are made later, on use)
+    ModelFolder.open(cpu).check_provider("cpu")
