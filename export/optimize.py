@@ -64,11 +64,17 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 MODEL_TYPE = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet",
               "vae_decoder": "vae", "vae_encoder": "vae", "vae_tiny_decoder": "vae", "vae_tiny_encoder": "vae"}
 ATTENTION_MODEL_TYPES = ("unet", "vae")  # where sdrt.export.attention fuses the attention
-# Ops left in fp32 by the fp16 conversion: normalizations and reductions whose fp16 kernels lose
-# too much (or, on the CPU provider, do not exist), and the timestep embedding's trigonometry.
+# Ops left in fp32 by the fp16 conversion, per profile. cpu: normalizations and reductions whose fp16 kernels
+# lose too much or do not exist on the CPU provider, and the timestep embedding's trigonometry. gpu: the
+# CUDA GroupNorm, SkipGroupNorm, (Skip)LayerNormalization and Resize kernels take fp16 and accumulate in fp32,
+# so they stay fp16 (no Cast pair around each of the UNet's ~60 norms); only the trigonometry, reductions
+# and random ops stay fp32.
 FP16_OP_BLOCK_LIST = ["Resize", "Upsample", "GroupNorm", "SkipGroupNorm", "InstanceNormalization",
                       "LayerNormalization", "SkipLayerNormalization", "RandomNormalLike", "Range",
                       "Sin", "Cos", "Exp", "Pow", "ReduceMean", "Softmax"]
+FP16_OP_BLOCK_LISTS = {"cpu": FP16_OP_BLOCK_LIST,
+                       "gpu": ["InstanceNormalization", "RandomNormalLike", "Range", "Sin", "Cos", "Exp", "Pow",
+                               "ReduceMean", "Softmax"]}
 DECODERS = ("vae_decoder", "vae_tiny_decoder")  # their reports also give the decoded image's PSNR
 # Components an fp16 folder also keeps in fp32, for the runtime's NaN fallback.
 FP32_FALLBACKS = ("vae_decoder",)
@@ -177,32 +183,38 @@ def decoded_psnr(reference: np.ndarray, got: np.ndarray) -> float:
     return 10 * float(np.log10(1.0 / max(mse, 1e-20)))
 
 
+def _run_each(path: Path, provider: str, feeds: list[dict]) -> list[dict]:
+    """The outputs of one file for each feed, its session released afterwards."""
+    engine = OrtEngine(path, provider=provider)
+    try:
+        return [engine.run(feed) for feed in feeds]
+    finally:
+        engine.release()
+
+
 def compare_files(reference: Path, optimized: Path, spec_json: dict, shapes: list[dict], precision: str,
                   provider: str = "cpu", decoder: bool = False) -> dict:
     """Run both files at each shape; return a JSON-able report, raising ValidationError on a miss. For a VAE
     decoder (`decoder`) each check also reports the decoded image's PSNR against the reference's."""
     atol = TOLERANCE[precision]
-    ref_engine, opt_engine = OrtEngine(reference), OrtEngine(optimized, provider=provider)
-    checks = []
+    feeds = [_random_feed(spec_json, dims, seed) for seed, dims in enumerate(shapes, 1)]
+    references = _run_each(reference, "cpu", feeds)  # one session at a time: the peak is the larger one, not both
     try:
-        for seed, dims in enumerate(shapes, 1):
-            feed = _random_feed(spec_json, dims, seed)
-            ref, got = ref_engine.run(feed), opt_engine.run(feed)
-            for out in ref:
-                r, g = ref[out].astype(np.float32), got[out].astype(np.float32)
-                max_abs = float(np.max(np.abs(g - r)))
-                max_ref = float(np.max(np.abs(r)))
-                passed = bool(np.isfinite(g).all()) and max_abs <= atol * max(1.0, max_ref)
-                checks.append({"dims": dims, "output": out, "max_abs": max_abs, "max_ref": max_ref, "passed": passed})
-                if decoder:
-                    checks[-1]["psnr_db"] = decoded_psnr(r, g)
+        results = _run_each(optimized, provider, feeds)
     except ExportError:
         raise
     except Exception as e:  # EngineError: the optimized graph does not load or run
         raise OptimizeError(f"{optimized}: the optimized network does not run on the {provider} provider: {e}") from e
-    finally:
-        ref_engine.release()
-        opt_engine.release()
+    checks = []
+    for dims, ref, got in zip(shapes, references, results):
+        for out in ref:
+            r, g = ref[out].astype(np.float32), got[out].astype(np.float32)
+            max_abs = float(np.max(np.abs(g - r)))
+            max_ref = float(np.max(np.abs(r)))
+            passed = bool(np.isfinite(g).all()) and max_abs <= atol * max(1.0, max_ref)
+            checks.append({"dims": dims, "output": out, "max_abs": max_abs, "max_ref": max_ref, "passed": passed})
+            if decoder:
+                checks[-1]["psnr_db"] = decoded_psnr(r, g)
     report = {"reference": "the unoptimized fp32 ONNX file (onnxruntime, CPU)",
               "tolerance": {"atol": atol, "rule": "max_abs <= atol * max(1, max|reference|)"},
               "checks": checks, "passed": all(c["passed"] for c in checks)}
@@ -273,7 +285,7 @@ def optimize_file(src: Path, dst: Path, model_type: str, profile: str, precision
     optimized = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                                optimization_options=fusion_options(model_type, profile), use_gpu=profile == "gpu")
     if precision == "fp16":
-        optimized.convert_float_to_float16(keep_io_types=True, op_block_list=FP16_OP_BLOCK_LIST)
+        optimized.convert_float_to_float16(keep_io_types=True, op_block_list=FP16_OP_BLOCK_LISTS[profile])
     optimized.topological_sort()
     softmax_left = sum(n.op_type == "Softmax" for n in optimized.model.graph.node)
     save_model(optimized.model, dst)
@@ -328,7 +340,7 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
                               "attention_fusion": "sdrt.export.attention (MultiHeadAttention) for unet and vae",
                               "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                               "keep_io_types": precision == "fp16",
-                              "fp16_op_block_list": FP16_OP_BLOCK_LIST if precision == "fp16" else None,
+                              "fp16_op_block_list": FP16_OP_BLOCK_LISTS[profile] if precision == "fp16" else None,
                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     specs = networks(manifest)
     with staging(out, force) as tmp:

@@ -108,6 +108,12 @@ def test_gpu_profile_has_fused_ops(optimized):
     assert manifest["validation_optimize"]["unet"]["attention"] == {"fused": 8, "softmax_left": 0, "packed_qkv": 4,
                                                                     "packed_kv": 4}
     assert manifest["validation_optimize"]["unet"]["bias_split_gelu"] == 0  # the tiny UNet's width has no kernel
+    # fp16 norms on the GPU: no Cast pair around GroupNorm / SkipGroupNorm / SkipLayerNormalization
+    unet = onnx.load(str(out / "unet" / "model.onnx"))
+    producer = {o: n.op_type for n in unet.graph.node for o in n.output}
+    norms = [n for n in unet.graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm", "SkipLayerNormalization")]
+    assert len(norms) == 29 and all(producer.get(n.input[0]) != "Cast" for n in norms)
+    assert manifest["optimize"]["fp16_op_block_list"] == opt.FP16_OP_BLOCK_LISTS["gpu"]
     unet_ops = op_types(out / "unet" / "model.onnx")
     assert {"GroupNorm", "SkipGroupNorm", "NhwcConv", "MultiHeadAttention"} <= unet_ops
     for vae in ("vae_decoder", "vae_encoder", "vae_decoder_fp32"):
