@@ -305,3 +305,19 @@ def test_optimized_folders_refuse_providers_that_cannot_run_them(optimized):
     for provider in ("cuda", "cuda:1", "tensorrt-ep", ["CUDAExecutionProvider", "CPUExecutionProvider"]):
         ModelFolder.open(gpu).check_provider(provider)  # accepted (engines are made later, on use)
     ModelFolder.open(cpu).check_provider("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime-gpu with CUDA needed")
+def test_gpu_profile_on_the_cuda_provider(optimized, exported):
+    """The real CUDA kernels (not the CPU lowering): every network of the gpu fp16 folder, run by the CUDA
+    provider, within the fp16 tolerance of the fp32 export at its validation shapes."""
+    out = optimized["gpu", "fp16"]
+    manifest = json.loads((exported["sd1"] / "sdrt.json").read_text())
+    for name, spec in opt.networks(manifest).items():
+        report = opt.compare_files(exported["sd1"] / name / "model.onnx", out / name / "model.onnx", spec,
+                                   opt.validation_shapes(manifest, name), "fp16", provider="cuda",
+                                   decoder=name in opt.DECODERS)
+        assert report["passed"], name
+        print(name, max(c["max_abs"] / max(1, c["max_ref"]) for c in report["checks"]))
