@@ -321,3 +321,13 @@ def test_gpu_profile_on_the_cuda_provider(optimized, exported):
                                    decoder=name in opt.DECODERS)
         assert report["passed"], name
         print(name, max(c["max_abs"] / max(1, c["max_ref"]) for c in report["checks"]))
+
+
+def test_gpu_profile_with_an_op_the_lowering_does_not_know(exported, tmp_path, monkeypatch):
+    """A CUDA-only op that sdrt.export.lowering cannot rewrite stops optimize with a typed error, nothing written."""
+    from sdrt.export import lowering
+
+    monkeypatch.setattr(lowering, "LOWERINGS", {k: v for k, v in lowering.LOWERINGS.items() if k != "NhwcConv"})
+    with pytest.raises(opt.OptimizeError, match=r"cannot be validated on the CPU: no CPU lowering .*NhwcConv"):
+        opt.optimize_folder(exported["sd1"], tmp_path / "gpu", "gpu", "fp16", log=lambda m: None)
+    assert not (tmp_path / "gpu").exists()
