@@ -103,6 +103,11 @@ def cmd_generate(args) -> int:
     )
     if args.guidance is not None:  # default: the pipeline's (SD 7.5, SDXL 5.0, LCM 8.5, as diffusers)
         common["guidance_scale"] = args.guidance
+    if args.refiner is None and args.high_noise_frac is not None:
+        raise InvalidInputError("--high-noise-frac applies only with --refiner (where the base hands over)")
+    if args.refiner is not None and args.image is not None:
+        raise InvalidInputError("--refiner applies to text-to-image (no --image): the base denoises the first "
+                                "--high-noise-frac of the steps, the refiner the rest")
     if args.image is None:
         if args.strength is not None:
             raise InvalidInputError("--strength applies only with --image (img2img)")
@@ -114,7 +119,10 @@ def cmd_generate(args) -> int:
                                       allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args),
                                       **_engine_flags(args))
         width, height = args.size if args.size else (None, None)
-        result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
+        if args.refiner is None:
+            result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
+        else:
+            result = _base_and_refiner(args, pipe, dict(height=height, width=width), common)
     else:
         if args.size is not None:
             raise InvalidInputError("--size does not apply with --image: the output has the image's size")
@@ -143,6 +151,29 @@ def cmd_generate(args) -> int:
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
           f"({t['steps']} steps), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
+
+
+def _base_and_refiner(args, base, size: dict, common: dict):
+    """SDXL's ensemble of expert denoisers, as diffusers documents it: the base runs the first --high-noise-frac
+    of the schedule (denoising_end) and hands its latents to the refiner, which runs the rest (denoising_start)."""
+    from sdrt.runtime.errors import InvalidInputError
+    from sdrt.runtime.families import image_to_image_pipeline
+
+    if not getattr(base, "uses_text_encoder_2", False):
+        raise InvalidInputError(f"--refiner needs an SDXL base model; {args.folder} is not one")
+    fraction = 0.8 if args.high_noise_frac is None else args.high_noise_frac
+    refiner = image_to_image_pipeline(args.refiner, provider=args.provider, scheduler=args.scheduler,
+                                      allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args))
+    if not getattr(refiner, "uses_text_encoder_2", False):
+        raise InvalidInputError(f"--refiner must be an SDXL refiner (or SDXL) folder; {args.refiner} is not one")
+    latents = base(args.prompt, **size, **{**common, "output_type": "latent"}, denoising_end=fraction,
+                   **_second_prompts(args, base))
+    # The refiner's one encoder reads PROMPT (diffusers pairs the prompts with the encoders a folder has).
+    refined = refiner(args.prompt, latents.images, denoising_start=fraction,
+                      **{**common, "seed": latents.seed, "num_images_per_prompt": 1})
+    for key in ("text_encoder", "unet", "steps"):
+        refined.timings[key] += latents.timings[key]
+    return refined
 
 
 def _engine_flags(args) -> dict:
@@ -275,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.8, SDXL 0.3; with --mask 1.0, SDXL 0.9999); runs that share of --steps")
     g.add_argument("--mask", default=None,
                    help="inpainting: repaint the white part of --image given by this mask (same size; black is kept)")
+    g.add_argument("--refiner", default=None,
+                   help="SDXL: an exported refiner folder; the base runs the first --high-noise-frac of the steps, "
+                        "the refiner the rest on its latents (diffusers' ensemble of expert denoisers)")
+    g.add_argument("--high-noise-frac", type=float, default=None,
+                   help="with --refiner: the share of the schedule the base denoises, in (0, 1) (default 0.8)")
     g.add_argument("--vae", choices=("full", "taesd"), default="full",
                    help="taesd: decode (and encode) with the tiny VAE added by `sdrt export-taesd`: much faster, "
                         "less detail")

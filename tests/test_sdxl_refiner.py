@@ -177,3 +177,51 @@ def test_base_refuses_a_denoising_end_outside_the_unit_interval(exported):
     for value in (1, 1.5, True):
         with pytest.raises(InvalidInputError, match="denoising_end must be a number in"):
             pipe(PROMPT, num_inference_steps=2, denoising_end=value)
+
+
+# -- the command line: sdrt generate BASE --refiner REFINER ---------------------------------------
+
+
+def test_cli_base_and_refiner_is_the_api_ensemble(exported, tmp_path):
+    """`--refiner` runs the ensemble tested against diffusers above: base to 0.8 (or --high-noise-frac), refiner
+    from there on the base's latents, the same seed; the PNG is the API's image."""
+    from PIL import Image
+
+    from sdrt.runtime.cli import main
+
+    base = StableDiffusionXLPipeline.from_pretrained(exported["base"])
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported["refiner"])
+    images = {}
+    for fraction in (None, 0.5):
+        out = tmp_path / f"ensemble-{fraction}.png"
+        extra = [] if fraction is None else ["--high-noise-frac", str(fraction)]
+        assert main(["generate", str(exported["base"]), PROMPT, "--refiner", str(exported["refiner"]), "--steps",
+                     str(STEPS), "--seed", "4", "--negative", "blurry", "-o", str(out), "-q", *extra]) == 0
+        images[fraction] = np.asarray(Image.open(out).convert("RGB"))
+        cut = 0.8 if fraction is None else fraction
+        latents = base(PROMPT, negative_prompt="blurry", num_inference_steps=STEPS, seed=4, denoising_end=cut,
+                       output_type="latent").images
+        expected = refiner(PROMPT, latents, negative_prompt="blurry", num_inference_steps=STEPS, seed=4,
+                           denoising_start=cut, output_type="pil").images[0]
+        np.testing.assert_array_equal(images[fraction], np.asarray(expected.convert("RGB")))
+    assert np.abs(images[None].astype(int) - images[0.5]).max() > 0  # the hand-over point matters
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--high-noise-frac", "0.7"], "--high-noise-frac applies only with --refiner"),
+    (["--refiner", "{refiner}", "--image", "{picture}"], "--refiner applies to text-to-image"),
+    (["--refiner", "{refiner}", "--high-noise-frac", "1.2"], r"denoising_end must be a number in \(0, 1\)"),
+])
+def test_cli_refiner_bad_inputs(exported, tmp_path, capsys, args, message):
+    import re
+
+    from PIL import Image
+
+    from sdrt.runtime.cli import main
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    args = [a.format(refiner=exported["refiner"], picture=tmp_path / "in.png") for a in args]
+    assert main(["generate", str(exported["base"]), PROMPT, "--steps", "2", "-o", str(tmp_path / "x.png"), "-q",
+                 *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
