@@ -302,11 +302,13 @@ def optimize_file(src: Path, dst: Path, model_type: str, profile: str, precision
 
 
 def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list[dict], profile: str,
-                       precision: str) -> dict:
+                       precision: str, log=lambda message: None) -> dict:
     """Optimize one network file and validate it on the CPU (gpu: lowered, and structurally checked); the report."""
     model_type = MODEL_TYPE[name]
     attention = optimize_file(src, dst, model_type, profile, precision)
     decoder = name in DECODERS
+    how = "on the CPU" if profile == "cpu" else "on the CPU (CUDA-only ops lowered to standard ONNX)"
+    log(f"{dst.parent.name}: validating against the fp32 export at {len(shapes)} shape(s), {how}")
     if profile == "cpu":
         report = compare_files(src, dst, spec, shapes, precision, decoder=decoder)
     else:
@@ -352,7 +354,7 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
         for name, spec in specs.items():
             log(f"{name}: optimizing ({MODEL_TYPE[name]}, {profile} profile, {precision})")
             report = optimize_component(folder / name / "model.onnx", tmp / name / "model.onnx", name, spec,
-                                        validation_shapes(manifest, name), profile, precision)
+                                        validation_shapes(manifest, name), profile, precision, log)
             manifest["validation_optimize"][name] = report
             if "attention" in report:
                 log(f"{name}: fused {report['attention']['fused']} attention(s), "
@@ -368,7 +370,7 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
             shutil.copy2(folder / name / "config.json", tmp / target / "config.json")
             manifest["validation_optimize"][target] = optimize_component(
                 folder / name / "model.onnx", tmp / target / "model.onnx", name, specs[name],
-                validation_shapes(manifest, name), profile, "fp32")
+                validation_shapes(manifest, name), profile, "fp32", log)
             manifest.setdefault(FALLBACKS_KEY, {})[name] = {
                 "path": f"{target}/model.onnx", "precision": "fp32",
                 "use": "re-run a decode whose fp16 output has NaN/Inf (fp16 overflow)"}
