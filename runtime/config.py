@@ -156,6 +156,13 @@ class ModelFolder:
                 "onnxruntime's com.microsoft ops, which TensorRT's ONNX parser does not know. Give the native "
                 "TensorRT backend the plain `sdrt export` folder (TensorRT makes its own fusions and fp16), or run "
                 "this folder with --provider cuda.")
+        if choice.kind == "tensorrt-ep":
+            import warnings
+
+            warnings.warn(f"{self.path} was optimized for onnxruntime (`sdrt optimize --optimize {profile}`): "
+                          "TensorRT cannot take its com.microsoft ops, so onnxruntime splits each network between "
+                          "TensorRT and CUDA. Give tensorrt-ep the plain `sdrt export` folder (TensorRT makes its "
+                          "own fusions and fp16).", stacklevel=3)
         names = {entry if isinstance(entry, str) else entry[0] for entry in choice.providers}
         if profile == "gpu" and not names & GPU_PROFILE_PROVIDERS:
             raise UnsupportedConfigError(
