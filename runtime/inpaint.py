@@ -32,16 +32,22 @@ from sdrt.runtime.rng import make_generator
 
 @dataclass(frozen=True)
 class InpaintInputs:
-    """The pictures and masks prepared for the loop: NCHW pixels in [-1, 1], N1HW masks of 0/1 (1 = repaint)."""
+    """The pictures and masks prepared for the loop: NCHW pixels in [-1, 1], N1HW masks of 0/1 (1 = repaint).
+    SDXL's inpainting also takes latents as the image (`image_latents`; no pixels then, nor masked pixels)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     mask: np.ndarray
-    masked_pixels: np.ndarray  # the pixels with the repainted part set to 0 (grey)
+    masked_pixels: np.ndarray | None  # the pixels with the repainted part set to 0 (grey)
     height: int  # the processing size
     width: int
     crop: tuple | None  # padding_mask_crop's box (x1, y1, x2, y2) in the original picture
     original: object  # the original PIL picture, with crop
     mask_picture: object  # the first PIL mask, as given
+    image_latents: np.ndarray | None = None  # latents given as the image, used without the VAE encoder
+
+    @property
+    def num_images(self) -> int:
+        return len(self.pixels if self.pixels is not None else self.image_latents)
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
@@ -163,31 +169,41 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         return InpaintInputs(pixels, mask, masked_pixels, height, width, crop, original, mask_pictures[0])
 
     def _inpaint_latents(self, inputs: InpaintInputs, plan, full_noise: bool, batch: int, generator,
-                         timings: dict) -> tuple:
+                         timings: dict, add_noise: bool = True) -> tuple:
         """(initial latents, extra_channels, after_step) for _denoise, with diffusers' random draws in its order.
-        full_noise: strength is exactly 1 (diffusers' is_strength_max)."""
+        full_noise: strength is exactly 1 (diffusers' is_strength_max). add_noise: False to start from the
+        image's latents as they are (SDXL's denoising_start; full_noise False then); the noise is drawn still,
+        for the blend, as diffusers' prepare_latents."""
         vae = self.folder.vae
-        # The picture's latents (first draw; a 9-channel UNet at strength 1 does not need them), the noise
-        # (second draw), and the initial latents, as diffusers' prepare_latents.
+        # The picture's latents (first draw; none for latents given as the image, and a 9-channel UNet at
+        # strength 1 does not need them), the noise (second draw), and the initial latents, as prepare_latents.
         t0 = time.perf_counter()
         inpainting_unet = self.is_inpainting_unet
         shape = (batch, vae.latent_channels, inputs.height // vae.scale_factor, inputs.width // vae.scale_factor)
         image_latents = None
-        if not inpainting_unet or not full_noise:
+        if inputs.image_latents is not None:
+            image_latents = _tile(inputs.image_latents, batch)
+        elif not inpainting_unet or not full_noise:
             image_latents = _tile(self.encode_image(inputs.pixels, generator), batch)
         noise = generator.randn(shape).astype(np.float32)
-        if full_noise:
+        if not add_noise:
+            assert image_latents is not None, "add_noise=False starts from the image's latents: full_noise is False"
+            latents = image_latents
+        elif full_noise:
             latents = noise * np.float32(plan.init_noise_sigma)
         else:
             latents = self.scheduler.add_noise(plan, image_latents, noise, 0)
 
-        # The mask at latent size and the masked picture's latents (third draw), as prepare_mask_latents.
+        # The mask at latent size and the masked picture's latents (third draw; none for latents given as the
+        # image, which diffusers does not mask), as prepare_mask_latents.
         latent_mask = _tile(masks.to_latent_size(inputs.mask, vae.scale_factor), batch)
         if inpainting_unet:
+            assert inputs.masked_pixels is not None, "a 9-channel UNet needs the masked picture"
             masked_latents = _tile(self.encode_image(inputs.masked_pixels, generator), batch)
             extra_channels, after_step = np.concatenate([latent_mask, masked_latents], axis=1), None
         else:
-            generator.randn((len(inputs.masked_pixels), *shape[1:]))  # diffusers samples them, then leaves them unused
+            if inputs.masked_pixels is not None:  # diffusers samples them, then leaves them unused
+                generator.randn((len(inputs.masked_pixels), *shape[1:]))
             extra_channels = None
 
             def after_step(i: int, latents: np.ndarray) -> np.ndarray:
@@ -215,14 +231,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         if not images:
             raise InvalidInputError("image is an empty list; give the picture to inpaint")
         pictures = [imageio.as_rgb(item, index) for index, item in enumerate(images)]
-        if mask_image is None:
-            raise InvalidInputError("mask_image is missing: give a mask, white where to repaint, black where to keep")
-        mask_list = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
-        mask_pictures = [masks.as_mask(item, index) for index, item in enumerate(mask_list)]
-        if len(mask_pictures) not in (1, len(pictures)):
-            raise InvalidInputError(
-                f"got {len(mask_pictures)} masks for {len(pictures)} images; give one mask for all, or one per image"
-            )
+        mask_pictures = StableDiffusionInpaintPipeline._mask_pictures(mask_image, len(pictures))
         for index, picture in enumerate(pictures):
             mask = mask_pictures[index if len(mask_pictures) > 1 else 0]
             if mask.size != picture.size:
@@ -231,6 +240,19 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                     "a mask must have its image's size (resize it with the same crop as the image)"
                 )
         return pictures, mask_pictures
+
+    @staticmethod
+    def _mask_pictures(mask_image, num_images: int) -> list:
+        """PIL masks, one for all `num_images` images or one per image."""
+        if mask_image is None:
+            raise InvalidInputError("mask_image is missing: give a mask, white where to repaint, black where to keep")
+        mask_list = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+        mask_pictures = [masks.as_mask(item, index) for index, item in enumerate(mask_list)]
+        if len(mask_pictures) not in (1, num_images):
+            raise InvalidInputError(
+                f"got {len(mask_pictures)} masks for {num_images} images; give one mask for all, or one per image"
+            )
+        return mask_pictures
 
     @staticmethod
     def _crop_box(pad, pictures: list, mask_pictures: list, height: int, width: int, output_type: str) -> tuple:

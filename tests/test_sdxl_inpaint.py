@@ -1,6 +1,7 @@
 """SDXL inpainting parity: sdrt's StableDiffusionXLInpaintPipeline on exported tiny SDXL folders vs diffusers'
 StableDiffusionXLInpaintPipeline on the same checkpoints, pictures, masks and seeds, for the base model's
-ordinary UNet (4 channels, blending) and a dedicated inpainting UNet (9 channels); bad inputs; the CLI."""
+ordinary UNet (4 channels, blending) and a dedicated inpainting UNet (9 channels); the base + refiner ensemble
+(denoising_end / denoising_start, latents as image); bad inputs; the CLI."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ diffusers = pytest.importorskip("diffusers")
 from reference import reference
 from test_img2img import picture
 from test_inpaint import mask
+from test_sdxl_refiner import evaluations, run_reference
 
 from sdrt.export.api import export_pipeline
 from sdrt.export.fixtures_inpaint import save_tiny_xl_inpaint_pipeline
-from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
+from sdrt.export.fixtures_xl import save_tiny_xl_pipeline, save_tiny_xl_refiner
 from sdrt.runtime.cli import main
 from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
 from sdrt.runtime.families import inpaint_pipeline
@@ -33,9 +35,11 @@ STEPS = 5  # strength 0.9999 runs 4 steps, 0.6 runs 3
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    """"base": the SDXL base checkpoint (4-channel UNet); "inpaint": a dedicated SDXL inpainting one (9 channels)."""
+    """"base": the SDXL base checkpoint (4-channel UNet); "inpaint": a dedicated SDXL inpainting one (9 channels);
+    "refiner": the SDXL refiner (4 channels, second text encoder only), which diffusers' inpainting pipeline loads."""
     root = tmp_path_factory.mktemp("sdxl-inpaint-checkpoints")
-    return {"base": save_tiny_xl_pipeline(root / "base"), "inpaint": save_tiny_xl_inpaint_pipeline(root / "inpaint")}
+    return {"base": save_tiny_xl_pipeline(root / "base"), "inpaint": save_tiny_xl_inpaint_pipeline(root / "inpaint"),
+            "refiner": save_tiny_xl_refiner(root / "refiner")}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,119 @@ def test_bad_inputs_are_refused(models):
         pipe(PROMPTS[0], picture(), mask(), prompt_2=["a", "b"], num_inference_steps=2)
     with pytest.raises(UnsupportedConfigError, match="is a stable-diffusion-xl model.*families.inpaint_pipeline"):
         StableDiffusionInpaintPipeline.from_pretrained(models["base"])
+
+
+# -- the ensemble of expert denoisers: base to denoising_end, refiner from denoising_start on its latents ----------
+
+ENSEMBLE_STEPS = 10
+# (scheduler, the base's extra arguments, the refiner's); the hand-over is at 0.8 (diffusers' cutoff 200).
+ENSEMBLE_CASES = [
+    (None, dict(), dict()),  # Euler; the base at diffusers' default strength 0.9999 (9 of 10 steps)
+    ("dpm++2m-karras", dict(strength=1.0), dict()),  # multistep: the refiner starts with no history
+    ("euler-a", dict(negative_prompt="blurry"), dict(negative_prompt="blurry", aesthetic_score=7.0)),  # noise per step
+    ("heun", dict(strength=0.6), dict()),  # 2nd order: the refiner re-runs the step the base ends inside
+]
+
+
+@pytest.mark.parametrize("scheduler,base_kwargs,refiner_kwargs", ENSEMBLE_CASES,
+                         ids=[s or "euler" for s, _, _ in ENSEMBLE_CASES])
+def test_inpainting_ensemble_matches_diffusers(reference_pipes, models, scheduler, base_kwargs, refiner_kwargs):
+    """Both halves of diffusers' base + refiner inpainting, each from its own seed; the refiner takes the base's
+    latents (its own side's) and the same mask, and sizes its output from them."""
+    common = dict(prompt=PROMPTS[0], mask_image=mask(soft=True), num_inference_steps=ENSEMBLE_STEPS)
+    expected_latents = run_reference(reference_pipes["base"], scheduler, 5, image=picture(), denoising_end=0.8,
+                                     output_type="latent", height=64, width=64, **common, **base_kwargs)
+    base = StableDiffusionXLInpaintPipeline.from_pretrained(models["base"], scheduler=scheduler)
+    latents, base_steps = evaluations(base, image=picture(), seed=5, denoising_end=0.8, output_type="latent",
+                                      **common, **base_kwargs)
+    assert latents.images.shape == tuple(expected_latents.shape) == (1, 4, 8, 8)
+    np.testing.assert_allclose(latents.images, expected_latents.numpy(), atol=1e-4)  # float32 rounding: up to 3e-5
+
+    expected = run_reference(reference_pipes["refiner"], scheduler, 6, image=expected_latents, denoising_start=0.8,
+                             output_type="np", height=64, width=64, **common, **refiner_kwargs)
+    refiner = StableDiffusionXLInpaintPipeline.from_pretrained(models["refiner"], scheduler=scheduler)
+    got, refiner_steps = evaluations(refiner, image=latents.images, seed=6, denoising_start=0.8, output_type="np",
+                                     **common, **refiner_kwargs)
+    assert got.images.shape == expected.shape == (1, 64, 64, 3)
+    # 2e-6 here; 1e-5 fails when the refiner's blend leaves out the noise (it is drawn, not added, from the start).
+    assert np.abs(got.images - expected).max() < 1e-5
+    assert "Denoising start: 0.8" in got.parameters[0] and "Denoising strength" not in got.parameters[0]
+
+    assert min(base_steps) >= 200  # diffusers' cutoff for 0.8 of 1000 training timesteps
+    if refiner.scheduler.evaluations_per_step == 1:  # one schedule, split once (the base's cut short by strength)
+        assert max(refiner_steps) < 200
+        full = refiner.scheduler.plan(ENSEMBLE_STEPS).timesteps
+        np.testing.assert_array_equal(np.concatenate([base_steps, refiner_steps]), full[len(full) - len(base_steps)
+                                                                                         - len(refiner_steps):])
+
+
+# (model, scheduler, arguments): one cut on a picture, as diffusers allows (denoising_start: encoded, not noised).
+CUT_CASES = [
+    ("base", None, dict(denoising_start=0.6)),
+    ("base", "euler-a", dict(denoising_start=0.5, strength=0.3, negative_prompt="blurry")),  # strength ignored
+    ("base", "dpm++2m-karras", dict(denoising_end=0.5, strength=0.6)),
+    ("base", "euler-a", dict(denoising_end=0.7, strength=1.0, num_images_per_prompt=2)),
+    ("base", "ddim", dict(denoising_start=0.3, denoising_end=0.7, guidance_scale=1.0)),  # a middle expert
+    ("inpaint", None, dict(denoising_start=0.5)),
+    ("inpaint", "euler-a", dict(denoising_end=0.7, strength=1.0)),
+    ("refiner", "dpm++2m-karras", dict(denoising_start=0.7, aesthetic_score=7.0)),
+]
+
+
+@pytest.mark.parametrize("model,scheduler,kwargs", CUT_CASES,
+                         ids=[f"{m}-{s or 'default'}-{'-'.join(k for k in a if k.startswith('denoising'))}"
+                              for m, s, a in CUT_CASES])
+def test_denoising_start_or_end_on_a_picture_matches_diffusers(reference_pipes, models, model, scheduler, kwargs):
+    arguments = dict(prompt=PROMPTS[1], image=picture(), mask_image=mask(), num_inference_steps=ENSEMBLE_STEPS,
+                     height=64, width=64, **kwargs)
+    expected = reference(reference_pipes[model], scheduler, 11, **arguments)
+    got = StableDiffusionXLInpaintPipeline.from_pretrained(models[model], scheduler=scheduler)(
+        seed=11, output_type="np", **arguments).images
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-4  # float32 rounding: up to 1.4e-5
+
+
+@pytest.mark.parametrize("scheduler,kwargs", [
+    ("euler-a", dict(strength=0.6)),  # noised latents: the noise draw, no encode nor masked-picture draws
+    (None, dict(strength=1.0, num_images_per_prompt=2)),  # pure noise; the latents still blend the kept region
+])
+def test_latents_as_image_without_denoising_start_match_diffusers(reference_pipes, models, scheduler, kwargs):
+    """Latents given as image, noised as a picture's latents would be; a mask of 68x68 rounds down to the latents'
+    64x64 and is resized to it (diffusers resizes it to height x width)."""
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    area = mask(68, 68, soft=True)
+    arguments = dict(prompt=PROMPTS[0], mask_image=area, num_inference_steps=ENSEMBLE_STEPS, **kwargs)
+    expected = reference(reference_pipes["refiner"], scheduler, 2, image=torch.from_numpy(latents), height=64,
+                         width=64, **arguments)
+    got = StableDiffusionXLInpaintPipeline.from_pretrained(models["refiner"], scheduler=scheduler)(
+        image=latents, seed=2, output_type="np", **arguments).images
+    assert got.shape == expected.shape == (kwargs.get("num_images_per_prompt", 1), 64, 64, 3)
+    assert np.abs(got - expected).max() < 1e-4  # float32 rounding: 2e-6
+
+
+@pytest.mark.parametrize("model,kwargs,message", [
+    ("base", dict(denoising_start=1.0), r"denoising_start must be a number in \(0, 1\)"),
+    ("base", dict(denoising_start=0), r"denoising_start must be a number in \(0, 1\)"),
+    ("base", dict(denoising_end=1.5), r"denoising_end must be a number in \(0, 1\)"),
+    ("base", dict(denoising_end=True), r"denoising_end must be a number in \(0, 1\)"),
+    ("base", dict(denoising_start=0.8, denoising_end=0.8), "denoising_start=0.8 must be below denoising_end=0.8"),
+    ("base", dict(denoising_start=0.7, denoising_end=0.3), "denoising_start=0.7 must be below denoising_end=0.3"),
+    ("base", dict(image=np.zeros((1, 3, 8, 8), np.float32)), "latents must be NCHW with the VAE's 4 channels"),
+    ("base", dict(image=np.zeros((1, 8, 8, 8), np.float32)), "latents must be NCHW with the VAE's 4 channels"),
+    ("base", dict(image=np.zeros((1, 4, 8, 8), np.float32), height=128),
+     "height=128, but the latents given as image make 64x64 pictures.*leave height and width out"),
+    ("base", dict(image=np.zeros((1, 4, 8, 8), np.float32), mask_image=mask(72, 64)),
+     "mask 0 is 72x64 but the latents given as image make 64x64 pictures"),
+    ("base", dict(image=np.zeros((1, 4, 8, 8), np.float32), padding_mask_crop=4),
+     "latents given as image cannot be cropped"),
+    ("base", dict(image=np.zeros((2, 4, 8, 8), np.float32), mask_image=[mask()] * 3), "got 3 masks for 2 images"),
+    ("inpaint", dict(image=np.zeros((1, 4, 8, 8), np.float32), denoising_start=0.8),
+     "UNet is an inpainting one.*pass the picture"),
+])
+def test_bad_denoising_cuts_and_latents_are_refused(models, model, kwargs, message):
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(models[model])
+    with pytest.raises(InvalidInputError, match=message):
+        pipe(**{"prompt": PROMPTS[0], "image": picture(), "mask_image": mask(), "num_inference_steps": 4, **kwargs})
 
 
 @pytest.mark.parametrize("cls", [StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline])
