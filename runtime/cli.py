@@ -105,9 +105,6 @@ def cmd_generate(args) -> int:
         common["guidance_scale"] = args.guidance
     if args.refiner is None and args.high_noise_frac is not None:
         raise InvalidInputError("--high-noise-frac applies only with --refiner (where the base hands over)")
-    if args.refiner is not None and args.image is not None:
-        raise InvalidInputError("--refiner applies to text-to-image (no --image): the base denoises the first "
-                                "--high-noise-frac of the steps, the refiner the rest")
     if args.image is None:
         if args.strength is not None:
             raise InvalidInputError("--strength applies only with --image (img2img)")
@@ -122,7 +119,10 @@ def cmd_generate(args) -> int:
         if args.refiner is None:
             result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
         else:
-            result = _base_and_refiner(args, pipe, dict(height=height, width=width), common)
+            from sdrt.runtime.families import image_to_image_pipeline
+
+            result = _base_and_refiner(args, pipe, (), dict(height=height, width=width), common,
+                                       image_to_image_pipeline, ())
     else:
         if args.size is not None:
             raise InvalidInputError("--size does not apply with --image: the output has the image's size")
@@ -132,14 +132,13 @@ def cmd_generate(args) -> int:
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
                        vae=args.vae, **_memory_options(args), **_engine_flags(args))
-        if mask is None:
-            pipe = image_to_image_pipeline(args.folder, **options)
-            strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
-            result = pipe(args.prompt, picture, **strength, **common, **_second_prompts(args, pipe))
-        else:
-            pipe = inpaint_pipeline(args.folder, **options)
-            strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
-            result = pipe(args.prompt, picture, mask, **strength, **common, **_second_prompts(args, pipe))
+        strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
+        factory, mask_arg = (image_to_image_pipeline, ()) if mask is None else (inpaint_pipeline, (mask,))
+        pipe = factory(args.folder, **options)
+        if args.refiner is None:
+            result = pipe(args.prompt, picture, *mask_arg, **strength, **common, **_second_prompts(args, pipe))
+        else:  # the refiner takes the base's latents, with the same mask
+            result = _base_and_refiner(args, pipe, (picture, *mask_arg), strength, common, factory, mask_arg)
     out = Path(args.output)
     paths = [out] if len(result.images) == 1 else [
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
@@ -153,23 +152,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _base_and_refiner(args, base, size: dict, common: dict):
+def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, refiner_pipeline, mask_arg: tuple):
     """SDXL's ensemble of expert denoisers, as diffusers documents it: the base runs the first --high-noise-frac
-    of the schedule (denoising_end) and hands its latents to the refiner, which runs the rest (denoising_start)."""
+    of the schedule (denoising_end) on `inputs` (nothing, the picture, or the picture and mask) and hands its
+    latents to the refiner (made by `refiner_pipeline`: img2img, or inpainting with the same mask), which runs
+    the rest (denoising_start)."""
     from sdrt.runtime.errors import InvalidInputError
-    from sdrt.runtime.families import image_to_image_pipeline
 
     if not getattr(base, "uses_text_encoder_2", False):
         raise InvalidInputError(f"--refiner needs an SDXL base model; {args.folder} is not one")
     fraction = 0.8 if args.high_noise_frac is None else args.high_noise_frac
-    refiner = image_to_image_pipeline(args.refiner, provider=args.provider, scheduler=args.scheduler,
-                                      allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args))
+    refiner = refiner_pipeline(args.refiner, provider=args.provider, scheduler=args.scheduler,
+                               allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args))
     if not getattr(refiner, "uses_text_encoder_2", False):
         raise InvalidInputError(f"--refiner must be an SDXL refiner (or SDXL) folder; {args.refiner} is not one")
-    latents = base(args.prompt, **size, **{**common, "output_type": "latent"}, denoising_end=fraction,
+    latents = base(args.prompt, *inputs, **options, **{**common, "output_type": "latent"}, denoising_end=fraction,
                    **_second_prompts(args, base))
     # The refiner's one encoder reads PROMPT (diffusers pairs the prompts with the encoders a folder has).
-    refined = refiner(args.prompt, latents.images, denoising_start=fraction,
+    refined = refiner(args.prompt, latents.images, *mask_arg, denoising_start=fraction,
                       **{**common, "seed": latents.seed, "num_images_per_prompt": 1})
     for key in ("text_encoder", "unet", "steps"):
         refined.timings[key] += latents.timings[key]
@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpainting: repaint the white part of --image given by this mask (same size; black is kept)")
     g.add_argument("--refiner", default=None,
                    help="SDXL: an exported refiner folder; the base runs the first --high-noise-frac of the steps, "
-                        "the refiner the rest on its latents (diffusers' ensemble of expert denoisers)")
+                        "the refiner the rest on its latents (diffusers' ensemble of expert denoisers); also with "
+                        "--image (img2img) and --image --mask (inpainting)")
     g.add_argument("--high-noise-frac", type=float, default=None,
                    help="with --refiner: the share of the schedule the base denoises, in (0, 1) (default 0.8)")
     g.add_argument("--vae", choices=("full", "taesd"), default="full",

@@ -209,7 +209,7 @@ def test_cli_base_and_refiner_is_the_api_ensemble(exported, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--high-noise-frac", "0.7"], "--high-noise-frac applies only with --refiner"),
-    (["--refiner", "{refiner}", "--image", "{picture}"], "--refiner applies to text-to-image"),
+    (["--refiner", "{picture}"], "is not a folder"),
     (["--refiner", "{refiner}", "--high-noise-frac", "1.2"], r"denoising_end must be a number in \(0, 1\)"),
 ])
 def test_cli_refiner_bad_inputs(exported, tmp_path, capsys, args, message):
@@ -225,3 +225,30 @@ def test_cli_refiner_bad_inputs(exported, tmp_path, capsys, args, message):
                  *args]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
+def test_cli_refiner_with_a_picture_is_the_api_ensemble(exported, tmp_path, inpaint):
+    """`--image [--mask] --refiner`: the base's img2img or inpainting to 0.8, then the refiner's on its latents
+    (with the same mask), the same PNG as through the API (both halves are diffusers-parity tested)."""
+    from PIL import Image
+    from test_inpaint import mask as make_mask
+
+    from sdrt.runtime.cli import main
+    from sdrt.runtime.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+    picture().save(tmp_path / "in.png")
+    make_mask().save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    extra = ["--mask", str(tmp_path / "mask.png")] if inpaint else ["--strength", "0.6"]
+    assert main(["generate", str(exported["base"]), PROMPT, "--image", str(tmp_path / "in.png"), *extra,
+                 "--refiner", str(exported["refiner"]), "--steps", str(STEPS), "--seed", "4", "-o", str(out),
+                 "-q"]) == 0
+    cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
+    masks = (make_mask(),) if inpaint else ()
+    strength = {} if inpaint else {"strength": 0.6}
+    latents = cls.from_pretrained(exported["base"])(PROMPT, picture(), *masks, num_inference_steps=STEPS, seed=4,
+                                                    denoising_end=0.8, output_type="latent", **strength).images
+    expected = cls.from_pretrained(exported["refiner"])(PROMPT, latents, *masks, num_inference_steps=STEPS, seed=4,
+                                                        denoising_start=0.8, output_type="pil").images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected.convert("RGB")))
