@@ -76,14 +76,20 @@ def write_manifest(root: Path, manifest: dict) -> None:
 
 
 PROTOBUF_LIMIT = 2**31 - 2**26  # an .onnx file holds at most 2 GB; keep a margin for the graph itself
+# Weights past this many bytes go to model.onnx_data even below protobuf's limit: onnxruntime then maps them
+# from the file instead of parsing them into a buffer and copying them out (which, freed or not, stays in the
+# process). The SD1.5 int8 UNet (887 MB): 957 MiB RSS after load against 1,466 MiB as one file, call peak
+# 1,435 against 1,654 MiB (bench/results/external-data-2026-12-06.md).
+EXTERNAL_DATA_BYTES = 64 * 2**20
 
 
 def save_model(model, dst: Path) -> None:
-    """Save an onnx.ModelProto at dst; past protobuf's 2 GB, its weights go to dst + "_data" (optimum's
-    model.onnx_data), as the export writes them."""
+    """Save an onnx.ModelProto at dst; past EXTERNAL_DATA_BYTES of weights (and always past protobuf's 2 GB),
+    its weights go to dst + "_data" (optimum's model.onnx_data), as the export writes SD 1.5's UNet."""
     import onnx
 
-    if sum(t.ByteSize() for t in model.graph.initializer) < PROTOBUF_LIMIT:  # ModelProto.ByteSize fails past 2 GB
+    weights = sum(t.ByteSize() for t in model.graph.initializer)  # ModelProto.ByteSize fails past 2 GB
+    if weights < min(PROTOBUF_LIMIT, EXTERNAL_DATA_BYTES):
         onnx.save_model(model, str(dst))
     else:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,

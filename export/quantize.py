@@ -106,7 +106,7 @@ def op_counts(path: Path) -> dict[str, int]:
 
 
 def _save(src: Path, dst: Path) -> None:
-    """Save `src` as dst (+ dst_data when over 2 GB, optimum's name), whatever the quantizer wrote."""
+    """Save `src` as dst (+ dst_data for large weights, see save_model), whatever the quantizer wrote."""
     import onnx
 
     save_model(onnx.load(str(src)), dst)
@@ -160,9 +160,9 @@ def quantize_file(src: Path, dst: Path, static_ops: Sequence[str], dynamic_ops: 
     """Quantize one ONNX file: static QDQ for `static_ops` (calibrated on `feeds`), then dynamic for the rest."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    large = (src.parent / (src.name + "_data")).is_file()
     with tempfile.TemporaryDirectory(prefix="sdrt-quantize-", dir=dst.parent) as work:
         current = declare_domains(src, Path(work))
+        large = (current.parent / (current.name + "_data")).is_file()  # weights in model.onnx_data
         if static_ops:
             reader = FeedReader(feeds or [], input_names)  # refuses zero samples before any work
             from onnxruntime.quantization.shape_inference import quant_pre_process

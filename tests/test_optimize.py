@@ -182,6 +182,28 @@ def test_refuses_quantized_folder_saying_so(exported, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_past_the_threshold_go_to_model_onnx_data(tmp_path, monkeypatch):
+    """save_model: small weights stay in model.onnx; past EXTERNAL_DATA_BYTES they go to model.onnx_data (and
+    onnxruntime runs either the same)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "w")  # 16 KiB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = np.ones((2, 64), np.float32)
+    outputs = []
+    for threshold, name in ((1 << 20, "small"), (8 << 10, "large")):
+        monkeypatch.setattr(folder_module, "EXTERNAL_DATA_BYTES", threshold)
+        (tmp_path / name).mkdir()
+        folder_module.save_model(model, tmp_path / name / "model.onnx")
+        assert (tmp_path / name / "model.onnx_data").is_file() == (name == "large")
+        outputs.append(OrtEngine(tmp_path / name / "model.onnx").run({"x": x})["y"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], x @ numpy_helper.to_array(weight))
+
+
 def test_large_networks_keep_their_weights_in_model_onnx_data(exported, tmp_path, monkeypatch):
     """Past protobuf's 2 GB (SD 1.5's fp32 UNet) the optimized weights go to model.onnx_data, as the export
     writes them; here every network pretends to be that large."""

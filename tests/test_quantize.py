@@ -217,15 +217,23 @@ def test_qdq_mode_keeps_attention_products_fp32(exported, tmp_path):
     assert {n.name for n in matmuls if producer.get(n.input[0]) != "DequantizeLinear"} >= set(kept)
 
 
-def test_static_mode_on_cpu_optimized_folder(exported, tmp_path):
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+def test_static_mode_on_cpu_optimized_folder(exported, tmp_path, monkeypatch, external):
     """Static int8 of a `sdrt optimize --optimize cpu` folder, both default components: the fused text encoder
     (whose com.microsoft domain onnxruntime's optimizer leaves undeclared) quantizes, the UNet keeps its
-    MultiHeadAttention nodes, and the folder validates and generates."""
+    MultiHeadAttention nodes, and the folder validates and generates. With external data (what SD-sized
+    weights get, see sdrt.export.folder.EXTERNAL_DATA_BYTES; here forced) both in the input and the output."""
+    from sdrt.export import folder as folder_module
     from sdrt.export.optimize import optimize_folder
     from sdrt.runtime.pipeline import StableDiffusionPipeline
 
+    if external:
+        monkeypatch.setattr(folder_module, "EXTERNAL_DATA_BYTES", 0)
     fused = optimize_folder(exported["sd1"], tmp_path / "fused", "cpu", "fp32", log=lambda m: None)
     out = q.quantize_folder(fused, tmp_path / "int8", mode="static", calibration=1, calibration_steps=2, **QUIET)
+    for folder in (fused, out):
+        for name in ("unet", "text_encoder"):
+            assert (folder / name / "model.onnx_data").is_file() == external, (folder, name)
     manifest = json.loads((out / "sdrt.json").read_text())
     assert all(manifest["validation_quantize"][c]["passed"] for c in ("unet", "text_encoder"))
     unet = q.op_counts(out / "unet" / "model.onnx")
