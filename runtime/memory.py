@@ -17,6 +17,12 @@ defaults, by measurement (SD1.5 architecture, 512 px, bench/results/low-memory-s
 keeping the UNet's arena and memory pattern made a step 3-7% faster for 1% (fp32) to 17% (int8) more
 peak RSS, and batched guidance 9% faster for 16% (fp32) to 56% (int8) more; low-memory mode is then
 no slower than the normal mode.
+
+The folder's storage matters as much: a network whose weights sit in model.onnx_data is mapped by
+onnxruntime, where one read from a single .onnx file is held about twice (the parsed file and the copies).
+`sdrt optimize` and `sdrt quantize` write weights over 64 MiB that way (sdrt.export.folder.save_model):
+SD1.5 int8 in low-memory mode with tiled VAE peaks at 1.48 GB instead of 1.82 GB
+(bench/results/external-data-2026-12-06.md).
 """
 
 from __future__ import annotations
