@@ -69,7 +69,7 @@ def build(variant: str, src: Path, dst: Path, model_type: str) -> dict:
         counts = {"fused": fuse_attention(model)}
         save_model(model, dst)
     else:
-        counts = optimize_file(src, dst, model_type, "cpu", "fp32", attention=variant == FUSED)
+        counts = optimize_file(src, dst, model_type, "cpu", "fp32", attention=variant == FUSED)["attention"]
     return {"build_seconds": time.perf_counter() - t0, "build_peak_rss_mib": rb.peak_rss_mb(), "attention": counts}
 
 

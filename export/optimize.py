@@ -275,37 +275,40 @@ def compare_lowered(src: Path, dst: Path, spec: dict, shapes: list[dict], precis
 
 def optimize_file(src: Path, dst: Path, model_type: str, profile: str, precision: str, attention: bool = True) -> dict:
     """Write dst: src with our attention fusion (attention=False skips it), onnxruntime's fusions for
-    `profile`, and fp16 if asked. Returns the attention report: {"fused": n, "softmax_left": m}, and for gpu
-    how many fused attentions had their projections packed ({"packed_qkv": self, "packed_kv": cross}) and,
-    for a gpu UNet, how many GEGLUs became BiasSplitGelu ("bias_split_gelu")."""
+    `profile`, and fp16 if asked. Returns what sdrt's own fusions did, for the report: "attention" (unet and
+    vae: {"fused": n, "softmax_left": m}, and for gpu how many had their projections packed, "packed_qkv"
+    for self-attention and "packed_kv" for cross-attention) and, for a gpu UNet, "bias_split_gelu"."""
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
     _patch_unet_num_heads()
     model = onnx.load(str(src))
-    fused = fuse_attention(model) if attention and model_type in ATTENTION_MODEL_TYPES else 0
-    packed = pack_attention(model) if fused and profile == "gpu" else None
-    split_gelu = fuse_bias_split_gelu(model) if profile == "gpu" and model_type == "unet" else None
+    gpu, attention_model = profile == "gpu", model_type in ATTENTION_MODEL_TYPES
+    fused = fuse_attention(model) if attention and attention_model else 0
+    packed = pack_attention(model) if fused and gpu else None
+    split_gelu = fuse_bias_split_gelu(model) if gpu and model_type == "unet" else None
     optimized = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                               optimization_options=fusion_options(model_type, profile), use_gpu=profile == "gpu")
+                               optimization_options=fusion_options(model_type, profile), use_gpu=gpu)
     if precision == "fp16":
         optimized.convert_float_to_float16(keep_io_types=True, op_block_list=FP16_OP_BLOCK_LISTS[profile])
     optimized.topological_sort()
     softmax_left = sum(n.op_type == "Softmax" for n in optimized.model.graph.node)
     save_model(optimized.model, dst)
-    report = {"fused": fused, "softmax_left": softmax_left}
-    if packed is not None:
-        report.update(packed_qkv=packed["qkv"], packed_kv=packed["kv"])
+    fusions = {}
+    if attention_model:
+        fusions["attention"] = {"fused": fused, "softmax_left": softmax_left}
+        if packed is not None:
+            fusions["attention"].update(packed_qkv=packed["qkv"], packed_kv=packed["kv"])
     if split_gelu is not None:
-        report["bias_split_gelu"] = split_gelu
-    return report
+        fusions["bias_split_gelu"] = split_gelu
+    return fusions
 
 
 def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list[dict], profile: str,
                        precision: str, log=lambda message: None) -> dict:
     """Optimize one network file and validate it on the CPU (gpu: lowered, and structurally checked); the report."""
     model_type = MODEL_TYPE[name]
-    attention = optimize_file(src, dst, model_type, profile, precision)
+    fusions = optimize_file(src, dst, model_type, profile, precision)
     decoder = name in DECODERS
     how = "on the CPU" if profile == "cpu" else "on the CPU (CUDA-only ops lowered to standard ONNX)"
     log(f"{dst.parent.name}: validating against the fp32 export at {len(shapes)} shape(s), {how}")
@@ -314,12 +317,7 @@ def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list
     else:
         structure = check_gpu_graph(src, dst, model_type)
         report = {**compare_lowered(src, dst, spec, shapes, precision, decoder=decoder), **structure}
-    split_gelu = attention.pop("bias_split_gelu", None)
-    if split_gelu is not None:
-        report["bias_split_gelu"] = split_gelu
-    if model_type in ATTENTION_MODEL_TYPES:
-        report["attention"] = attention
-    return report
+    return {**report, **fusions}
 
 
 def networks(manifest: dict) -> dict[str, dict]:

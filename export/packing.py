@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sdrt.export.attention import MS_DOMAIN, _attr, remove_dead_nodes
+from sdrt.export.attention import MS_DOMAIN, _attr, _Graph, remove_dead_nodes
 
 
 @dataclass(frozen=True)
@@ -41,31 +41,27 @@ class Projection:
     bias: np.ndarray | None  # [N*H]
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, int]:
-    counts: dict[str, int] = {o.name: 1 for o in graph.output}
-    for node in graph.node:
-        for name in node.input:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+def _used_once(g: _Graph, name: str) -> bool:
+    return name not in g.outputs and len(g.consumers.get(name, [])) == 1
 
 
-def _projection(name: str, producer: dict, initializers: dict, uses: dict) -> Projection | None:
-    node = producer.get(name)
-    if node is None or uses.get(name) != 1:
+def _projection(g: _Graph, name: str) -> Projection | None:
+    node = g.producer.get(name)
+    if node is None or not _used_once(g, name):
         return None
     bias = None
     if node.op_type == "Add":
         for data, constant in ((0, 1), (1, 0)):
-            if node.input[constant] in initializers and node.input[data] in producer:
-                value = numpy_helper.to_array(initializers[node.input[constant]])
-                if value.ndim == 1 and uses.get(node.input[data]) == 1:
-                    bias, node = value, producer[node.input[data]]
+            if node.input[constant] in g.initializers and node.input[data] in g.producer:
+                value = numpy_helper.to_array(g.initializers[node.input[constant]])
+                if value.ndim == 1 and _used_once(g, node.input[data]):
+                    bias, node = value, g.producer[node.input[data]]
                     break
         else:
             return None
-    if node.op_type != "MatMul" or node.input[1] not in initializers:
+    if node.op_type != "MatMul" or node.input[1] not in g.initializers:
         return None
-    weight = numpy_helper.to_array(initializers[node.input[1]])
+    weight = numpy_helper.to_array(g.initializers[node.input[1]])
     if weight.ndim != 2 or (bias is not None and bias.shape != (weight.shape[1],)):
         return None
     return Projection(node.input[0], weight, bias)
@@ -118,16 +114,14 @@ def pack_attention(model: onnx.ModelProto, log=None) -> dict[str, int]:
     """Pack the projections of every MultiHeadAttention(query, key, value) of the main graph that allows it
     (see the module docstring), in place. Returns {"qkv": self-attentions packed, "kv": cross-attentions}."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    initializers = {t.name: t for t in graph.initializer}
-    uses = _consumers(graph)
+    g = _Graph(graph)
     counts, inserts = {"qkv": 0, "kv": 0}, {}
     for i, node in enumerate(graph.node):
         if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.input) != 3 \
                 or not all(node.input):
             continue
         heads = int(_attr(node, "num_heads", 0))
-        q, k, v = (_projection(name, producer, initializers, uses) for name in node.input)
+        q, k, v = (_projection(g, name) for name in node.input)
         qkv = _pack([q, k, v], heads) if heads and all(p is not None for p in (q, k, v)) else None
         kv = _pack([k, v], heads) if heads and qkv is None and k is not None and v is not None else None
         if qkv is not None:

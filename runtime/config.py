@@ -4,6 +4,7 @@ every model constant the pipeline needs (scaling factor, latent channels, sizes)
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,6 @@ class ModelFolder:
                 "TensorRT backend the plain `sdrt export` folder (TensorRT makes its own fusions and fp16), or run "
                 "this folder with --provider cuda.")
         if choice.kind == "tensorrt-ep":
-            import warnings
-
             warnings.warn(f"{self.path} was optimized for onnxruntime (`sdrt optimize --optimize {profile}`): "
                           "TensorRT cannot take its com.microsoft ops, so onnxruntime splits each network between "
                           "TensorRT and CUDA. Give tensorrt-ep the plain `sdrt export` folder (TensorRT makes its "
