@@ -44,3 +44,36 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("exported")
     return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in checkpoints.items()}
+
+
+class TinyFolders:
+    """Exported tiny folders of every family and task, each built on first use and shared by the whole run:
+    "sd1", "sd2" (the `exported` fixture's), "sd1-inpaint" (9-channel UNet), "lcm", "xl-base", "xl-refiner",
+    "xl-inpaint" (9-channel SDXL UNet)."""
+
+    def __init__(self, exported: dict, root: Path):
+        self._folders = dict(exported)
+        self._root = root
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self._folders:
+            from sdrt.export.api import export_pipeline
+            from sdrt.export.fixtures_family import save_tiny_lcm_pipeline
+            from sdrt.export.fixtures_inpaint import save_tiny_inpaint_pipeline, save_tiny_xl_inpaint_pipeline
+            from sdrt.export.fixtures_xl import save_tiny_xl_pipeline, save_tiny_xl_refiner
+
+            makers = {
+                "sd1-inpaint": lambda path: save_tiny_inpaint_pipeline(path, "sd1"),
+                "lcm": save_tiny_lcm_pipeline,
+                "xl-base": save_tiny_xl_pipeline,
+                "xl-refiner": save_tiny_xl_refiner,
+                "xl-inpaint": save_tiny_xl_inpaint_pipeline,
+            }
+            checkpoint = makers[name](self._root / "checkpoints" / name)
+            self._folders[name] = export_pipeline(checkpoint, self._root / "exported" / name, log=lambda m: None)
+        return self._folders[name]
+
+
+@pytest.fixture(scope="session")
+def tiny(exported, tmp_path_factory) -> TinyFolders:
+    return TinyFolders(exported, tmp_path_factory.mktemp("tiny"))
