@@ -102,7 +102,7 @@ def _sdrt_worker(spec: dict):
                    seed=spec["seed"], output_type="np")
         end_to_end = time.perf_counter() - t0
         t = out.timings
-        return {"text_encoder": t["text_encoder"], "unet": t["unet"], "unet_calls": t["steps"],
+        return {"text_encoder": t["text_encoder"], "unet": t["unet"], "unet_calls": t["unet_evaluations"],
                 "vae_decoder": t["vae_decoder"], "end_to_end": end_to_end}, out.images
 
     import onnxruntime

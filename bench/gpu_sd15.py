@@ -213,9 +213,9 @@ class SdrtSide:
                         height=a.size[1], width=a.size[0], seed=a.seed, output_type="np")
         end_to_end = time.perf_counter() - t0
         t = out.timings
-        timing = {"text_encoder": t["text_encoder"], "unet": t["unet"], "unet_calls": t["steps"],
+        timing = {"text_encoder": t["text_encoder"], "unet": t["unet"], "unet_calls": t["unet_evaluations"],
                   "vae_decoder": t["vae_decoder"], "end_to_end": end_to_end}
-        return Run(stage_seconds(timing), t["steps"], out.images)
+        return Run(stage_seconds(timing), t["unet_evaluations"], out.images)
 
     def memory(self) -> dict:
         return {"vae_fp32_fallback_runs": getattr(self.pipe.vae_decoder, "fallback_runs", 0)}

@@ -21,6 +21,36 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}") from None
 
 
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+        return lo, hi
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like LO,HI (noise levels sigma, e.g. 0.28,5.42), got {text!r}") \
+            from None
+
+
+# The Python API's argument names -> the options that set them, for messages (InvalidInputError names the former).
+OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
+           "num_images_per_prompt": "--num-images", "negative_prompt_2": "--negative-2", "negative_prompt": "--negative",
+           "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac"}
+
+
+def _in_cli_terms(message: str) -> str:
+    """An API error message with the option that sets the argument named first (`guidance_scale` -> --guidance)."""
+    for name, option in OPTIONS.items():
+        if message.startswith(name + " ") or message.startswith(name + "="):
+            return f"{option} ({name}){message[len(name):]}"
+    return message
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), as every other sdrt error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def cmd_export(args) -> int:
     try:
         from sdrt.export.api import export_pipeline
@@ -97,12 +127,14 @@ def cmd_generate(args) -> int:
     from sdrt.runtime.errors import InvalidInputError
 
     common = dict(
-        negative_prompt=args.negative, num_inference_steps=args.steps,
-        num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng, output_type="pil",
-        progress=not args.quiet,
+        negative_prompt=args.negative, num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng,
+        output_type="pil", progress=not args.quiet,
     )
-    if args.guidance is not None:  # default: the pipeline's (SD 7.5, SDXL 5.0, LCM 8.5, as diffusers)
-        common["guidance_scale"] = args.guidance
+    # Defaults: the pipeline's, as diffusers (steps 50, LCM 4; guidance SD 7.5, SDXL 5.0, LCM 8.5).
+    for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
+                        ("guidance_interval", args.guidance_interval)):
+        if value is not None:
+            common[name] = value
     if args.refiner is None and args.high_noise_frac is not None:
         raise InvalidInputError("--high-noise-frac applies only with --refiner (where the base hands over)")
     if args.image is None:
@@ -147,8 +179,9 @@ def cmd_generate(args) -> int:
         imageio.save_png(image, path, parameters=params)
         print(path)
     t = result.timings
+    calls = "" if t["unet_evaluations"] == t["steps"] else f", {t['unet_evaluations']} UNet evaluations"
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
-          f"({t['steps']} steps), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
+          f"({t['steps']} steps{calls}), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -171,7 +204,7 @@ def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, re
     # The refiner's one encoder reads PROMPT (diffusers pairs the prompts with the encoders a folder has).
     refined = refiner(args.prompt, latents.images, *mask_arg, denoising_start=fraction,
                       **{**common, "seed": latents.seed, "num_images_per_prompt": 1})
-    for key in ("text_encoder", "unet", "steps"):
+    for key in ("text_encoder", "unet", "steps", "unet_evaluations"):
         refined.timings[key] += latents.timings[key]
     return refined
 
@@ -254,8 +287,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("export", help="export a diffusers checkpoint folder to a validated ONNX folder (needs sdrt[export])")
     e.add_argument("source", help="a local diffusers pipeline folder")
@@ -293,9 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT)")
     g.add_argument("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder")
-    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the pipeline's, as diffusers: 50; LCM 4)")
     g.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the pipeline's, as diffusers: SD 7.5, SDXL 5.0, LCM 8.5)")
+    g.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+                   help="apply classifier-free guidance only at steps whose noise level sigma is in [LO, HI] "
+                        "(Kynkaanniemi et al. 2024, e.g. 0.28,5.42); the other steps run the prompt alone, at half "
+                        "the UNet cost")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
@@ -387,7 +425,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except SdrtError as e:
-        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        print(f"sdrt {args.command}: error: {_in_cli_terms(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrt {args.command}: interrupted", file=sys.stderr)

@@ -4,13 +4,14 @@ every model constant the pipeline needs (scaling factor, latent channels, sizes)
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.engines.files import MANIFEST, sha256_file
 from sdrt.engines.spec import NetworkSpec, latent_multiple, spec_for, vae_scale_factor
-from sdrt.runtime.errors import ModelFolderError, UnsupportedConfigError
+from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
 
 # vae_tiny_*: an optional tiny autoencoder (TAESD) beside the full VAE, added by `sdrt export-taesd`.
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
@@ -25,6 +26,8 @@ PIPELINES["StableDiffusionInpaintPipeline"] = PIPELINES["ORTStableDiffusionInpai
 for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
     PIPELINES[_name] = PIPELINES["ORT" + _name] = "stable-diffusion-xl"
 
+
+VERIFY_MODES = ("none", "size", "sha256")
 
 # onnxruntime providers with kernels for the gpu optimize profile's ops (TensorRT's provider hands them to CUDA).
 GPU_PROFILE_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"}
@@ -70,6 +73,10 @@ class ModelFolder:
     @classmethod
     def open(cls, path, verify: str = "size") -> "ModelFolder":
         """Read and check a folder. verify: "none", "size" (files present, sizes as recorded) or "sha256"."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"path must be a folder path (str or pathlib.Path), got {path!r}")
+        if verify not in VERIFY_MODES:
+            raise InvalidInputError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         path = Path(path)
         if not path.is_dir():
             raise ModelFolderError(f"{path} is not a folder; give the output folder of `sdrt export`")

@@ -73,6 +73,11 @@ class TinyFolders:
             self._folders[name] = export_pipeline(checkpoint, self._root / "exported" / name, log=lambda m: None)
         return self._folders[name]
 
+    def checkpoint(self, name: str) -> Path:
+        """The diffusers checkpoint a folder was exported from (not for "sd1"/"sd2": see the checkpoints fixture)."""
+        self[name]
+        return self._root / "checkpoints" / name
+
 
 @pytest.fixture(scope="session")
 def tiny(exported, tmp_path_factory) -> TinyFolders:

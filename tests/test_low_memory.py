@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from sdrt.runtime.cli import main
+from sdrt.runtime.core import loop
+from sdrt.runtime.core.generate import Run
+from sdrt.runtime.core.request import Request
 from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.guidance import Guidance
 from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
 from sdrt.runtime.pipeline import StableDiffusionPipeline
 
@@ -140,24 +144,27 @@ def test_normal_mode_keeps_engines_loaded(exported):
 
 
 def test_sequential_cfg_splits_extra_unet_inputs_like_the_embeddings(exported):
-    """`unet_inputs` (SDXL's time_ids, LCM's timestep_cond) are batched like the embeddings, negatives first:
+    """The conditioning beside the embeddings (SDXL's time_ids, LCM's timestep_cond) is batched like them, negatives first:
     sequential guidance must hand each call its own half."""
     pipe = StableDiffusionPipeline.from_pretrained(exported["sd1"], cfg_mode="sequential")
     recorder = RecordingEngine(pipe.unet, pipe)
     pipe.unet = recorder
     batch = 2
-    embeds = pipe._embeddings(PROMPTS, ["", "blurry"], 1, True, {})
+    run = Run(Request(PROMPTS, negative_prompt=["", "blurry"]), pipe.generator.family, (), pipe.models,
+              pipe.scheduler, Guidance(True, 7.5), "sequential", None)
+    embeds = pipe.generator.family.conditioning(run)["encoder_hidden_states"]
     time_ids = np.arange(2 * batch * 6, dtype=np.float32).reshape(2 * batch, 6)  # rows 0-1 negative, 2-3 positive
-    plan = pipe.scheduler.plan(2)
+    run.plan = pipe.scheduler.plan(2)
+    run.conditioning = {"encoder_hidden_states": embeds, "time_ids": time_ids}
     latents = np.random.default_rng(0).standard_normal((batch, 4, 8, 8)).astype(np.float32)
-    out = pipe._denoise(plan, latents, embeds, 7.5, 0.0, None, None, False, {}, unet_inputs={"time_ids": time_ids})
+    out = loop.denoise(run, latents)
     negative, positive = recorder.calls[0]["feed"], recorder.calls[1]["feed"]
     np.testing.assert_array_equal(negative["time_ids"], time_ids[:batch])
     np.testing.assert_array_equal(positive["time_ids"], time_ids[batch:])
     np.testing.assert_array_equal(negative["encoder_hidden_states"], embeds[:batch])
     np.testing.assert_array_equal(positive["encoder_hidden_states"], embeds[batch:])
-    pipe.cfg_mode = "batched"
-    batched = pipe._denoise(plan, latents, embeds, 7.5, 0.0, None, None, False, {}, unet_inputs={"time_ids": time_ids})
+    run.cfg_mode = "batched"
+    batched = loop.denoise(run, latents)
     np.testing.assert_array_equal(recorder.calls[-1]["feed"]["time_ids"], time_ids)
     assert np.abs(out - batched).max() == 0.0
 

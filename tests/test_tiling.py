@@ -8,6 +8,7 @@ import pytest
 
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
+from sdrt.runtime.core import codec
 from sdrt.runtime.pipeline import StableDiffusionPipeline
 from sdrt.runtime.tiling import Tiling, decode, encode, tile_starts
 
@@ -75,7 +76,7 @@ def decode_with(pipe, latents, tiling):
     counting = Counting(engine.run)
     engine.run = counting  # instance attribute: the pipeline's own calls go through it
     try:
-        return pipe._decode(latents, "np", {}), counting.shapes
+        return codec.decode(pipe.models, latents, "np", pipe.vae_tiling, {}), counting.shapes
     finally:
         del engine.run
 

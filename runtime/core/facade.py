@@ -1,0 +1,136 @@
+"""What the diffusers-named pipeline classes share: opening a folder for one (family, task) pair.
+
+Each facade (StableDiffusionPipeline, StableDiffusionXLInpaintPipeline, ...) is a class attribute or two
+(`family`: the family it runs; `task`: the task that starts its runs; `needs_encoder`) and a `__call__`
+with diffusers' keyword signature that hands its arguments to `_generate`. No facade inherits from another.
+"""
+
+from __future__ import annotations
+
+from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.core.generate import Generator, PipelineOutput, check_size
+from sdrt.runtime.core.request import Request
+from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
+from sdrt.runtime.families import family_class, family_name
+from sdrt.runtime.tasks.handoff import HandOff
+from sdrt.runtime.tasks.inpaint import Inpaint, is_inpainting_unet
+
+ENGINES = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+def check_folder(folder: ModelFolder, family: str, task, facade: str) -> None:
+    """Refuse a folder that another pipeline class runs, saying which one (UnsupportedConfigError)."""
+    actual = family_name(folder)
+    channels, latent_channels = folder.unet_config.get("in_channels"), folder.vae.latent_channels
+    if task is Inpaint:
+        if actual != family:
+            raise UnsupportedConfigError(
+                f"{folder.path} is a {folder.family} model ({folder.pipeline}, UNet time_cond_proj_dim="
+                f"{folder.unet_config.get('time_cond_proj_dim')}); inpainting runs Stable Diffusion 1.x / 2.x "
+                "folders (StableDiffusionInpaintPipeline) and SDXL ones (sdrt.runtime.sdxl_inpaint) only, and "
+                f"{facade} the {family} ones: sdrt.runtime.families.inpaint_pipeline picks the class"
+            )
+        if "vae_encoder" not in folder.components:
+            raise ModelFolderError(
+                f"{folder.path} lacks vae_encoder/model.onnx, which inpainting needs to read the picture; "
+                "re-export the checkpoint with sdrt export (its default components include vae_encoder)"
+            )
+        if channels not in (latent_channels, 2 * latent_channels + 1):
+            raise UnsupportedConfigError(
+                f"{folder.path}: the UNet takes {channels} input channels; inpainting runs UNets of "
+                f"{latent_channels} (latents) or {2 * latent_channels + 1} (latents, mask, masked picture)"
+            )
+        return
+    family_class(family)(folder)  # the family's own refusals first (an LCM facade on a plain UNet, ...)
+    if channels != latent_channels:
+        raise UnsupportedConfigError(
+            f"{folder.path}: the UNet takes {channels} input channels, not the VAE's {latent_channels} latent "
+            "channels: an inpainting model; run it with sdrt.runtime.families.inpaint_pipeline, which picks "
+            "StableDiffusion(XL)InpaintPipeline (sdrt generate --image PICTURE --mask MASK)"
+        )
+    if actual == "latent-consistency" and family != actual:
+        raise UnsupportedConfigError(
+            f"{folder.path} is a Latent Consistency Model (its UNet takes a guidance embedding): run it with "
+            "sdrt.runtime.lcm.LatentConsistencyPipeline / LatentConsistencyImg2ImgPipeline (sdrt generate picks it)"
+        )
+    if actual == "stable-diffusion-xl" and family != actual:
+        raise UnsupportedConfigError(
+            f"{folder.path} is an SDXL model (two text encoders): run it with sdrt.runtime.sdxl's "
+            "StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline (sdrt.runtime.families picks the class)"
+        )
+
+
+class Facade:
+    """A folder opened for one family and one starting task; engines are reachable as attributes (pipe.unet...)."""
+
+    family = "stable-diffusion"  # the family this class runs (sdrt.runtime.families.FAMILIES)
+    task = None  # the Task class that starts its runs
+    needs_encoder = False  # the task reads pictures: the VAE encoder is opened too
+
+    def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, low_memory: bool = False,
+                 cfg_mode: str | None = None, vae_tiling=None, vae: str = "full", **engine_options):
+        """low_memory: one network in memory at a time, guidance halves one after the other, lean sessions
+        (sdrt.runtime.memory); same images. cfg_mode: "batched" (one UNet call of 2N) or "sequential" (two
+        of N; the default in low-memory mode). vae_tiling: decode (and encode) in overlapping tiles
+        (sdrt.runtime.tiling.Tiling); changes the image slightly. vae: "full", or "taesd" for the tiny VAE that
+        `sdrt export-taesd` adds (sdrt.runtime.vae). engine_options: create_engine's options (SessionOptions fields,
+        allow_fallback, io_binding: on by default for onnxruntime on a GPU), to every engine; fixed_shapes and
+        cuda_graph go to the UNet only."""
+        if not isinstance(folder, ModelFolder):
+            raise InvalidInputError(
+                f"folder must be a ModelFolder; open a path with {type(self).__name__}.from_pretrained(path), got "
+                f"{type(folder).__name__}"
+            )
+        check_folder(folder, self.family, self.task, type(self).__name__)
+        object.__setattr__(self, "generator", Generator(
+            folder, family_class(self.family)(folder), provider=provider, scheduler=scheduler, low_memory=low_memory,
+            cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, **engine_options))
+
+    @classmethod
+    def from_pretrained(cls, path, provider="cpu", scheduler: str | None = None, verify: str = "size",
+                        **engine_options):
+        return cls(ModelFolder.open(path, verify=verify), provider=provider, scheduler=scheduler, **engine_options)
+
+    # -- the engines and settings, as attributes (replaceable: recording or instrumented engines) -------
+
+    def __getattr__(self, name):
+        generator = self.__dict__.get("generator")
+        if generator is not None:
+            if name in ENGINES or name in ("provider", "low_memory", "engine_options", "vae_choice"):
+                return getattr(generator.models, name)
+            if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models"):
+                return getattr(generator, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        target = self.generator.models if name in ENGINES else \
+            self.generator if name in ("scheduler", "cfg_mode", "vae_tiling") else None
+        object.__setattr__(target if target is not None else self, name, value)
+
+    @property
+    def uses_text_encoder_2(self) -> bool:
+        return self.family == "stable-diffusion-xl"
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        return is_inpainting_unet(self.folder)
+
+    def release(self) -> None:
+        self.generator.models.release()
+
+    def _engine(self, component: str):
+        return self.generator.models.engine(component)
+
+    def _check_size(self, height: int, width: int, subject: str = "") -> None:
+        check_size(self.folder, height, width, subject)
+
+    # -- one generation -------------------------------------------------------------------------------
+
+    def _generate(self, arguments: dict) -> PipelineOutput:
+        """A Request from the facade's call arguments (its `locals()`), run with the facade's task, and the
+        refiner hand-off when denoising_start or denoising_end is given."""
+        request = Request.from_arguments(arguments)
+        tasks = [self.task()]
+        if request.denoising_start is not None or request.denoising_end is not None:
+            tasks.append(HandOff())
+        return self.generator.generate(request, tasks)

@@ -1,0 +1,155 @@
+"""Generator: one folder's family, engines and scheduler, and the stages of every generation.
+
+    request -> family.check, task.prepare (all checks, before any engine runs)
+            -> plan (each task may build or cut it) -> family.conditioning (text encoders)
+            -> task.start (initial latents) -> loop.denoise -> codec.decode -> task.finish -> PipelineOutput
+
+A generation's state lives in a `Run`, made per call, so one Generator serves concurrent calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from sdrt.runtime import image as imageio
+from sdrt.runtime import memory
+from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.core import codec, loop
+from sdrt.runtime.core.models import Models
+from sdrt.runtime.core.request import Request
+from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.guidance import Guidance
+from sdrt.runtime.schedulers import load_scheduler
+from sdrt.runtime.schedulers.plan import Plan
+from sdrt.runtime.schedulers.scheduler import Scheduler
+from sdrt.runtime.tiling import Tiling
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, uint8 NHWC, float NHWC in [0, 1], or latents
+    seed: int | None
+    parameters: list[str]  # A1111-style text, one per image
+    timings: dict = field(default_factory=dict)  # seconds per stage; steps and UNet evaluations
+
+
+@dataclass
+class Run:
+    """The state of one generation, shared by the family, the tasks and the loop."""
+
+    request: Request
+    family: Any  # sdrt.runtime.families.base.Family
+    tasks: Sequence  # sdrt.runtime.tasks.base.Task, the first one starts the latents
+    models: Models
+    scheduler: Scheduler
+    guidance: Guidance
+    cfg_mode: str
+    vae_tiling: Tiling | None
+    generator: Any = None
+    height: int | None = None  # the processing size, set by the first task's prepare
+    width: int | None = None
+    plan: Plan | None = None
+    resume: bool = False  # start from the given latents as they are (denoising_start), nothing noised
+    conditioning: dict = field(default_factory=dict)  # the denoiser's constant inputs, negatives first with CFG
+    parameters: dict = field(default_factory=dict)  # A1111 infotext fields the tasks add
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.request.batch
+
+    @property
+    def folder(self) -> ModelFolder:
+        return self.models.folder
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        vae = self.folder.vae
+        return (self.batch, vae.latent_channels, self.height // vae.scale_factor, self.width // vae.scale_factor)
+
+
+def check_size(folder: ModelFolder, height, width, subject: str = "") -> None:
+    """height and width are multiples of what the UNet needs; `subject` prefixes the names ("image ")."""
+    m = folder.pixel_multiple
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < m or v % m:
+            lower = max(m, (int(v) // m) * m) if isinstance(v, (int, np.integer)) else m
+            raise InvalidInputError(
+                f"{subject}{name}={v} is not a multiple of {m} px, which this model's UNet needs "
+                f"({folder.latent_multiple} latent cells x {folder.vae.scale_factor} px); "
+                f"nearest valid sizes: {lower} or {lower + m}"
+            )
+
+
+class Generator:
+    """A folder opened for generation: its family, engines (Models) and scheduler."""
+
+    def __init__(self, folder: ModelFolder, family, provider="cpu", scheduler: str | None = None,
+                 low_memory: bool = False, cfg_mode: str | None = None, vae_tiling: Tiling | None = None,
+                 vae: str = "full", encoder: bool = False, **engine_options):
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {scheduler!r}")
+        if cfg_mode is None:
+            cfg_mode = "sequential" if low_memory else "batched"
+        if cfg_mode not in memory.CFG_MODES:
+            raise InvalidInputError(f"cfg_mode must be one of {memory.CFG_MODES}, got {cfg_mode!r}")
+        if vae_tiling is not None:
+            if not isinstance(vae_tiling, Tiling):
+                raise InvalidInputError(f"vae_tiling must be a sdrt.runtime.tiling.Tiling or None, got {vae_tiling!r}")
+            vae_tiling.check(folder.vae.scale_factor)
+        if not isinstance(provider, str):
+            raise InvalidInputError(
+                f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
+                f"got {provider!r}"
+            )
+        folder.check_provider(provider)
+        self.folder = folder
+        self.family = family
+        self.cfg_mode = cfg_mode
+        self.vae_tiling = vae_tiling
+        self.models = Models(folder, provider=provider, low_memory=low_memory, vae=vae, encoder=encoder,
+                             **engine_options)
+        self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
+        self.scheduler_name = scheduler
+
+    def generate(self, request: Request, tasks: Sequence) -> PipelineOutput:
+        guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
+                            request.guidance_interval)
+        run = Run(request, self.family, tuple(tasks), self.models, self.scheduler, guidance, self.cfg_mode,
+                  self.vae_tiling)
+        # 1. Every check, before any engine runs.
+        self.family.check(run)
+        for task in run.tasks:
+            task.prepare(run)
+        plan = None
+        for task in run.tasks:
+            plan = task.plan(run, plan)
+        run.plan = plan
+        run.generator = request.make_generator()
+
+        # 2. Conditioning (text encoders), 3. initial latents, 4. denoise, 5. decode and finish.
+        run.conditioning = self.family.conditioning(run)
+        latents = None
+        for task in run.tasks:
+            latents = task.start(run, latents)
+        latents = loop.denoise(run, latents)
+        images = codec.decode(self.models, latents, request.output_type, self.vae_tiling, run.timings)
+        for task in run.tasks:
+            images = task.finish(run, images)
+        return PipelineOutput(images, getattr(run.generator, "seed", None), self._parameters(run), run.timings)
+
+    def _parameters(self, run: Run) -> list[str]:
+        """A1111-style parameters text per image."""
+        request = run.request
+        scheduler = self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?")
+        negatives = request.negative_prompt or ("",) * len(request.prompt)
+        fields = dict(steps=request.num_inference_steps, guidance_scale=request.guidance_scale, **run.parameters)
+        if request.guidance_interval is not None:
+            fields["guidance_interval"] = "{}-{}".format(*request.guidance_interval)
+        return [
+            imageio.format_parameters(prompt=p, negative_prompt=n, scheduler=scheduler,
+                                      seed=getattr(run.generator, "seed", None), model=self.folder.path.name, **fields)
+            for p, n in zip(request.prompt, negatives) for _ in range(request.num_images_per_prompt)
+        ]

@@ -1,0 +1,84 @@
+"""Models: the engines of one exported folder that a generation needs, and their lifetimes.
+
+Engines load when first run. In low-memory mode (sdrt.runtime.memory) each is released when its stage
+ends, so that one network is in memory at a time. The VAE decoder re-runs with the fp32 copy an fp16
+folder keeps when it returns NaN/Inf (sdrt.engines.fallback).
+"""
+
+from __future__ import annotations
+
+from sdrt.engines import create_engine
+from sdrt.engines.fallback import FiniteOrFallback, fallback_file
+from sdrt.runtime import memory
+from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.vae import require_encoder, select_vae
+
+# Engine options for the network called every step (the UNet) only: fixed input buffers and a captured CUDA
+# graph pay there; the text encoders and the VAE run once per image.
+PER_STEP_OPTIONS = ("fixed_shapes", "cuda_graph")
+TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+
+
+class Models:
+    """Tokenizers and engines: text_encoder(_2) (None where the folder lacks one), unet, vae_decoder, vae_encoder
+    (None unless `encoder`). Attributes may be replaced (recording or instrumented engines); stages read them."""
+
+    def __init__(self, folder: ModelFolder, provider="cpu", low_memory: bool = False, vae: str = "full",
+                 encoder: bool = False, **engine_options):
+        if not isinstance(provider, str):
+            raise InvalidInputError(
+                f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
+                f"got {provider!r}"
+            )
+        if not isinstance(low_memory, bool):
+            raise InvalidInputError(f"low_memory must be True or False, got {low_memory!r}")
+        self.folder = folder
+        self.provider = provider
+        self.low_memory = low_memory
+        if low_memory and "session_options" not in engine_options:
+            engine_options = {**memory.LOW_MEMORY_SESSION, **engine_options}
+        self.engine_options = engine_options
+        self.vae_choice = select_vae(folder, vae)
+        if encoder:
+            require_encoder(folder, self.vae_choice)
+        for component, tokenizer in TEXT_ENCODERS:
+            present = component in folder.components
+            setattr(self, tokenizer, ClipTokenizer.from_folder(folder.path / tokenizer) if present else None)
+            setattr(self, component, self.engine(component) if present else None)
+        self.unet = self.engine("unet")
+        self.vae_decoder = self.nan_safe(self.vae_choice.decoder)
+        self.vae_encoder = self.engine(self.vae_choice.encoder) if encoder else None
+
+    def _options(self, component: str) -> dict:
+        if component == "unet":
+            return self.engine_options
+        return {k: v for k, v in self.engine_options.items() if k not in PER_STEP_OPTIONS}
+
+    def engine(self, component: str):
+        return create_engine(self.folder.onnx_path(component), self.folder.spec(component), provider=self.provider,
+                             **self._options(component))
+
+    def nan_safe(self, component: str):
+        """The engine, re-run with the fp32 copy that an fp16 folder keeps (sdrt.json "fallbacks") on NaN/Inf."""
+        engine, fp32 = self.engine(component), fallback_file(self.folder.path, self.folder.manifest, component)
+        if fp32 is None:
+            return engine
+        return FiniteOrFallback(engine, lambda: create_engine(fp32, self.folder.spec(component), provider=self.provider,
+                                                              **self._options(component)), name=component)
+
+    def engines(self) -> tuple:
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2, self.unet, self.vae_decoder,
+                                 self.vae_encoder) if e is not None)
+
+    def stage_done(self, *engines) -> None:
+        """In low-memory mode, unload engines once their stage has run (each reloads when next needed)."""
+        if self.low_memory:
+            for engine in engines:
+                if engine is not None and engine.loaded:
+                    memory.release(engine)
+
+    def release(self) -> None:
+        for engine in self.engines():
+            engine.release()

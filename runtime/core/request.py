@@ -1,0 +1,224 @@
+"""Request: one frozen, validated description of a generation. All argument checking happens here, once.
+
+Everything a user can get wrong in a call is refused here with InvalidInputError, before any engine
+runs: wrong types (a string or None for guidance_scale, a NumPy Generator as generator, an int as
+negative_prompt), NaN and infinite numbers (named: `guidance_scale=nan` would silently turn guidance
+off), and out-of-range values. What depends on the model (sizes against the UNet's multiple, the
+family's own arguments) is checked by the family and the tasks, still before any engine runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import numpy as np
+
+from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.rng import GENERATOR_KINDS, make_generator
+
+OUTPUT_TYPES = ("pil", "np", "uint8", "latent")
+
+
+def integer(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def real(name: str, value, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+         open_high: bool = False) -> float:
+    """A finite real number in [low, high] (bounds open where asked); bools, strings, None, NaN and inf refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidInputError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value}")
+    below = low is not None and (value <= low if open_low else value < low)
+    above = high is not None and (value >= high if open_high else value > high)
+    if below or above:
+        if high is None:
+            allowed = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            allowed = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise InvalidInputError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def optional_real(name: str, value, low=None, high=None, **bounds) -> float | None:
+    return None if value is None else real(name, value, low, high, **bounds)
+
+
+def texts(name: str, value, count: int | None = None) -> tuple[str, ...] | None:
+    """None, a string, or a non-empty list of strings (of `count` entries when given; a string fills them all)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,) * (count or 1)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidInputError(f"{name} must be a string or a list of strings (not empty), got {value!r}")
+    if count is not None and len(value) != count:
+        raise InvalidInputError(
+            f"{name} has {len(value)} entries but prompt has {count}; give one per prompt, or a single string for all"
+        )
+    return tuple(value)
+
+
+def text_or_texts(name: str, value) -> str | tuple[str, ...] | None:
+    """None, a string (kept as given: SDXL treats "" as not given), or a list of strings."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidInputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    return tuple(value)
+
+
+def pair(name: str, value) -> tuple[float, float] | None:
+    """None, or two finite numbers >= 0 ((height, width) or (top, left))."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InvalidInputError(f"{name} must be a pair of numbers >= 0 ((height, width) or (top, left)), got {value!r}")
+    for k, v in enumerate(value):
+        real(f"{name}[{k}]", v, 0.0)
+    return (value[0], value[1])
+
+
+def guidance_interval(value) -> tuple[float, float] | None:
+    """None, or (lo, hi): noise levels sigma between which classifier-free guidance applies."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InvalidInputError(
+            f"guidance_interval must be a pair (lo, hi) of noise levels sigma, e.g. (0.28, 5.42), got {value!r}"
+        )
+    lo, hi = real("guidance_interval[0]", value[0], 0.0), real("guidance_interval[1]", value[1], 0.0)
+    if lo > hi:
+        raise InvalidInputError(f"guidance_interval=({lo}, {hi}): lo must not exceed hi")
+    return lo, hi
+
+
+def fraction(name: str, value) -> float | None:
+    """A denoising_start / denoising_end: None, or a number strictly between 0 and 1."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise InvalidInputError(
+            f"{name} must be a number in (0, 1), the share of the schedule (e.g. 0.8 for the base and the refiner "
+            f"of the SDXL ensemble), or None; got {value!r}"
+        )
+    return float(value)
+
+
+def check_strength(strength) -> float:
+    if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+    return float(strength)
+
+
+def check_generator(generator):
+    """An sdrt generator (sdrt.runtime.rng.make_generator, or any object with randn(shape) -> ndarray)."""
+    if generator is not None and not callable(getattr(generator, "randn", None)):
+        raise InvalidInputError(
+            f"generator must be an sdrt generator with randn(shape), e.g. sdrt.runtime.rng.make_generator(seed, "
+            f"'torch'), got {type(generator).__name__}; or pass seed=INT instead (a NumPy Generator or a torch one "
+            "cannot reproduce diffusers' stream)"
+        )
+    return generator
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation, validated. Built by the facades from their diffusers-style arguments (None = not given)."""
+
+    prompt: tuple[str, ...]
+    negative_prompt: tuple[str, ...] | None = None  # None: not given (SDXL may then zero the negatives)
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+    height: int | None = None  # None: the task's or the model's default
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    eta: float = 0.0
+    seed: int | None = None
+    generator: Any = None
+    rng: str = "torch"
+    output_type: str = "pil"
+    callback: Callable | None = None
+    progress: bool = False
+    # Task inputs.
+    image: Any = None
+    strength: float | None = None
+    mask_image: Any = None
+    padding_mask_crop: int | None = None
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    # Family inputs (SDXL): the second encoder's texts and the micro-conditioning.
+    prompt_2: str | tuple[str, ...] | None = None
+    negative_prompt_2: str | tuple[str, ...] | None = None
+    micro_conditioning: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        prompts = texts("prompt", self.prompt)
+        if prompts is None:
+            raise InvalidInputError("prompt must be a string or a list of strings (not empty), got None")
+        set_("prompt", prompts)
+        set_("negative_prompt", texts("negative_prompt", self.negative_prompt, len(prompts)))
+        set_("prompt_2", text_or_texts("prompt_2", self.prompt_2))
+        set_("negative_prompt_2", text_or_texts("negative_prompt_2", self.negative_prompt_2))
+        set_("num_inference_steps", integer("num_inference_steps", self.num_inference_steps))
+        set_("guidance_scale", real("guidance_scale", self.guidance_scale, 0.0))
+        set_("guidance_rescale", real("guidance_rescale", self.guidance_rescale, 0.0, 1.0))
+        set_("guidance_interval", guidance_interval(self.guidance_interval))
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                set_(name, integer(name, getattr(self, name)))
+        set_("num_images_per_prompt", integer("num_images_per_prompt", self.num_images_per_prompt))
+        set_("eta", real("eta", self.eta, 0.0, 1.0))
+        if self.seed is not None and (isinstance(self.seed, (bool, np.bool_))
+                                      or not isinstance(self.seed, (int, np.integer))):
+            raise InvalidInputError(f"seed must be an integer or None, got {self.seed!r}")
+        check_generator(self.generator)
+        if self.rng not in GENERATOR_KINDS:
+            raise InvalidInputError(f"rng must be one of {GENERATOR_KINDS}, got {self.rng!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise InvalidInputError(f"callback must be callable (step, timestep, latents), got {self.callback!r}")
+        if not isinstance(self.progress, (bool, np.bool_)):
+            raise InvalidInputError(f"progress must be True or False, got {self.progress!r}")
+        if self.strength is not None:
+            set_("strength", check_strength(self.strength))
+        if self.padding_mask_crop is not None:
+            set_("padding_mask_crop", integer("padding_mask_crop", self.padding_mask_crop, 0))
+        set_("denoising_start", fraction("denoising_start", self.denoising_start))
+        set_("denoising_end", fraction("denoising_end", self.denoising_end))
+        if self.denoising_start is not None and self.denoising_end is not None \
+                and self.denoising_start >= self.denoising_end:
+            raise InvalidInputError(
+                f"denoising_start={self.denoising_start} must be below denoising_end={self.denoising_end}: the run "
+                "would be empty"
+            )
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> Request:
+        """A Request from a facade's call arguments (its `locals()`); names not in Request are micro-conditioning."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in arguments.items() if k in names}
+        extra = {k: v for k, v in arguments.items() if k not in names and k != "self"}
+        return cls(**known, micro_conditioning=extra)
+
+    @property
+    def batch(self) -> int:
+        """Images made: prompts x images per prompt."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    def make_generator(self):
+        """The generator given, or a new one from seed (a random seed when None) of the rng kind."""
+        if self.generator is not None:
+            return self.generator
+        return make_generator(self.seed, self.rng)

@@ -1,0 +1,32 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, its last hidden states as the UNet's conditioning."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from sdrt.runtime.families.base import Family
+
+
+class StableDiffusion(Family):
+    name = "stable-diffusion"
+
+    def encode_prompt(self, models, prompts) -> np.ndarray:
+        ids = models.tokenizer(list(prompts))
+        return models.text_encoder.run({"input_ids": ids})["last_hidden_state"]
+
+    def conditioning(self, run) -> dict:
+        """Negatives and prompts in one text-encoder batch (negatives only with guidance), each repeated per image."""
+        t0 = time.perf_counter()
+        request, models = run.request, run.models
+        prompts = list(request.prompt)
+        embeds = self.encode_prompt(models, self.negatives(request) + prompts if run.guidance.enabled else prompts)
+        models.stage_done(models.text_encoder)
+        embeds = np.repeat(embeds, request.num_images_per_prompt, axis=0)
+        run.timings["text_encoder"] = time.perf_counter() - t0
+        return {"encoder_hidden_states": embeds, **self.constant_inputs(run)}
+
+    def constant_inputs(self, run) -> dict:
+        """The UNet's other inputs, constant over the steps (none for SD; LCM's guidance embedding)."""
+        return {}
