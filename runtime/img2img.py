@@ -26,10 +26,7 @@ class StableDiffusionImg2ImgPipeline(Facade):
     needs_encoder = True
 
     def __call__(
-        self,
-        prompt: str | Sequence[str],
-        image,
-        strength: float = 0.8,
+        self, prompt: str | Sequence[str], image, strength: float = 0.8,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5, guidance_rescale: float = 0.0,

@@ -26,11 +26,7 @@ class StableDiffusionInpaintPipeline(Facade):
     needs_encoder = True
 
     def __call__(
-        self,
-        prompt: str | Sequence[str],
-        image,
-        mask_image,
-        strength: float = 1.0,
+        self, prompt: str | Sequence[str], image, mask_image, strength: float = 1.0,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,

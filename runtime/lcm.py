@@ -35,17 +35,10 @@ class LatentConsistencyPipeline(Facade):
         prompt: str | Sequence[str],
         num_inference_steps: int = 4,
         guidance_scale: float = 8.5,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        seed: int | None = None,
-        generator=None,
-        rng: str = "torch",
-        output_type: str = "pil",
-        callback: Callable[[int, float, np.ndarray], Any] | None = None,
-        progress: bool = False,
-        negative_prompt: str | Sequence[str] | None = None,
-        guidance_interval: tuple[float, float] | None = None,
+        height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+        seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        negative_prompt: str | Sequence[str] | None = None, guidance_interval: tuple[float, float] | None = None,
     ) -> PipelineOutput:
         """guidance_scale: the weight the UNet was distilled to follow (its embedding input), not CFG: it
         costs nothing per step. num_inference_steps: at most the scheduler's original_inference_steps.

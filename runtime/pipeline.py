@@ -32,17 +32,11 @@ class StableDiffusionPipeline(Facade):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         guidance_rescale: float = 0.0,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        seed: int | None = None,
-        generator=None,
-        rng: str = "torch",
-        output_type: str = "pil",
-        callback: Callable[[int, float, np.ndarray], Any] | None = None,
-        progress: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
+        height: int | None = None, width: int | None = None,
+        num_images_per_prompt: int = 1, eta: float = 0.0,
+        seed: int | None = None, generator=None, rng: str = "torch",
+        output_type: str = "pil", callback: Callable[[int, float, np.ndarray], Any] | None = None,
+        progress: bool = False, guidance_interval: tuple[float, float] | None = None,
     ) -> PipelineOutput:
         """height, width: default the model's size. guidance_interval: (lo, hi), apply classifier-free guidance
         only at the steps whose noise level sigma is in [lo, hi] (Kynkaanniemi et al. 2024); the others run

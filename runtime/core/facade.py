@@ -95,7 +95,9 @@ class Facade:
 
     def __getattr__(self, name):
         generator = self.__dict__.get("generator")
-        if generator is not None:
+        absent = (name == "vae_encoder" and not self.needs_encoder) or (
+            name in ("text_encoder_2", "tokenizer_2") and not self.uses_text_encoder_2)
+        if generator is not None and not absent:
             if name in ENGINES or name in ("provider", "low_memory", "engine_options", "vae_choice"):
                 return getattr(generator.models, name)
             if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models"):

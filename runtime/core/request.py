@@ -79,10 +79,11 @@ def pair(name: str, value) -> tuple[float, float] | None:
     """None, or two finite numbers >= 0 ((height, width) or (top, left))."""
     if value is None:
         return None
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise InvalidInputError(f"{name} must be a pair of numbers >= 0 ((height, width) or (top, left)), got {value!r}")
-    for k, v in enumerate(value):
-        real(f"{name}[{k}]", v, 0.0)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v) and v >= 0
+            for v in value)):
+        raise InvalidInputError(
+            f"{name} must be a pair of numbers >= 0, finite ((height, width) or (top, left)), got {value!r}")
     return (value[0], value[1])
 
 

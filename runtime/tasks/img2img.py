@@ -76,8 +76,6 @@ class ImageToImage(Task):
     def prepare(self, run) -> None:
         """The images, checked for size and count: NCHW pixels in [-1, 1] from pictures, or the latents given."""
         request, folder = run.request, run.folder
-        if request.image is None:
-            raise InvalidInputError("image is missing: give the picture to start from (PIL image or HWC uint8 array)")
         check_strength(request.strength)  # None too: the task needs one
         latents = given_latents(request.image, folder.vae.latent_channels)
         self.is_latents = latents is not None

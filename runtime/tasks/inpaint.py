@@ -75,8 +75,8 @@ def mask_pictures(mask_image, num_images: int) -> list:
 def pictures_and_masks(image, mask_image) -> tuple[list, list]:
     """RGB pictures and PIL masks, one mask for all pictures or one per picture, each of its picture's size."""
     images = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not images or image is None:
-        raise InvalidInputError("image is missing or an empty list; give the picture to inpaint")
+    if not images:
+        raise InvalidInputError("image is an empty list; give the picture to inpaint")
     pictures = [imageio.as_rgb(item, index) for index, item in enumerate(images)]
     masks_ = mask_pictures(mask_image, len(pictures))
     for index, picture in enumerate(pictures):
