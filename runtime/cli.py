@@ -146,7 +146,7 @@ def cmd_generate(args) -> int:
 
         pipe = text_to_image_pipeline(args.folder, provider=args.provider, scheduler=args.scheduler,
                                       allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args),
-                                      **_engine_flags(args))
+                                      **_engine_flags(args), **_prompt_options(args))
         width, height = args.size if args.size else (None, None)
         if args.refiner is None:
             result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
@@ -163,7 +163,7 @@ def cmd_generate(args) -> int:
         picture = _read_picture(args.image, "--image")
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
-                       vae=args.vae, **_memory_options(args), **_engine_flags(args))
+                       vae=args.vae, **_memory_options(args), **_engine_flags(args), **_prompt_options(args))
         strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
         factory, mask_arg = (image_to_image_pipeline, ()) if mask is None else (inpaint_pipeline, (mask,))
         pipe = factory(args.folder, **options)
@@ -196,7 +196,8 @@ def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, re
         raise InvalidInputError(f"--refiner needs an SDXL base model; {args.folder} is not one")
     fraction = 0.8 if args.high_noise_frac is None else args.high_noise_frac
     refiner = refiner_pipeline(args.refiner, provider=args.provider, scheduler=args.scheduler,
-                               allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args))
+                               allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args),
+                               **_prompt_options(args))
     if not getattr(refiner, "uses_text_encoder_2", False):
         raise InvalidInputError(f"--refiner must be an SDXL refiner (or SDXL) folder; {args.refiner} is not one")
     latents = base(args.prompt, *inputs, **options, **{**common, "output_type": "latent"}, denoising_end=fraction,
@@ -233,6 +234,10 @@ def _memory_options(args) -> dict:
         return {"low_memory": args.low_memory}
     overlap = args.tile_overlap if args.tile_overlap is not None else args.tile_size // 32 * 8
     return {"low_memory": args.low_memory, "vae_tiling": Tiling(args.tile_size, overlap)}
+
+
+def _prompt_options(args) -> dict:
+    return {"emphasis": args.emphasis}
 
 
 def _read_picture(path: str, option: str):
@@ -334,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply classifier-free guidance only at steps whose noise level sigma is in [LO, HI] "
                         "(Kynkaanniemi et al. 2024, e.g. 0.28,5.42); the other steps run the prompt alone, at half "
                         "the UNet cost")
+    g.add_argument("--emphasis", choices=("original", "none"), default="original",
+                   help="original (default): read PROMPT in A1111's syntax, (word:1.2) [word] BREAK, any length, "
+                        "in chunks of 75 tokens; none: literal text cut at 77 tokens, as diffusers")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")

@@ -136,6 +136,15 @@ class ClipTokenizer:
                 self._warn_truncated(row, tokens[len(kept) :])
         return input_ids
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without BOS/EOS, neither cut nor padded (sdrt.runtime.prompts chunks them)."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    @property
+    def comma_token_id(self) -> int | None:
+        """The id of "," as a word of its own (A1111 breaks long prompts after it), None if the vocabulary lacks it."""
+        return self._tokenizer.token_to_id(",</w>")
+
     def decode(self, ids) -> str:
         """Text of token ids (special tokens included), words joined by spaces as CLIPTokenizer.decode does."""
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -68,12 +68,15 @@ class Facade:
     needs_encoder = False  # the task reads pictures: the VAE encoder is opened too
 
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, low_memory: bool = False,
-                 cfg_mode: str | None = None, vae_tiling=None, vae: str = "full", **engine_options):
+                 cfg_mode: str | None = None, vae_tiling=None, vae: str = "full", emphasis: str = "original",
+                 **engine_options):
         """low_memory: one network in memory at a time, guidance halves one after the other, lean sessions
         (sdrt.runtime.memory); same images. cfg_mode: "batched" (one UNet call of 2N) or "sequential" (two
         of N; the default in low-memory mode). vae_tiling: decode (and encode) in overlapping tiles
         (sdrt.runtime.tiling.Tiling); changes the image slightly. vae: "full", or "taesd" for the tiny VAE that
-        `sdrt export-taesd` adds (sdrt.runtime.vae). engine_options: create_engine's options (SessionOptions fields,
+        `sdrt export-taesd` adds (sdrt.runtime.vae). emphasis: "original" reads prompts in A1111's syntax, of any
+        length (sdrt.runtime.prompts: `(word:1.2)`, `[word]`, BREAK, chunks of 75 tokens); "none" takes them as
+        literal text cut at 77 tokens, as diffusers. engine_options: create_engine's options (SessionOptions fields,
         allow_fallback, io_binding: on by default for onnxruntime on a GPU), to every engine; fixed_shapes and
         cuda_graph go to the UNet only."""
         if not isinstance(folder, ModelFolder):
@@ -84,7 +87,8 @@ class Facade:
         check_folder(folder, self.family, self.task, type(self).__name__)
         object.__setattr__(self, "generator", Generator(
             folder, family_class(self.family)(folder), provider=provider, scheduler=scheduler, low_memory=low_memory,
-            cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, **engine_options))
+            cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, emphasis=emphasis,
+            **engine_options))
 
     @classmethod
     def from_pretrained(cls, path, provider="cpu", scheduler: str | None = None, verify: str = "size",
@@ -100,13 +104,13 @@ class Facade:
         if generator is not None and not absent:
             if name in ENGINES or name in ("provider", "low_memory", "engine_options", "vae_choice"):
                 return getattr(generator.models, name)
-            if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models"):
+            if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models", "emphasis"):
                 return getattr(generator, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
         target = self.generator.models if name in ENGINES else \
-            self.generator if name in ("scheduler", "cfg_mode", "vae_tiling") else None
+            self.generator if name in ("scheduler", "cfg_mode", "vae_tiling", "emphasis") else None
         object.__setattr__(target if target is not None else self, name, value)
 
     @property

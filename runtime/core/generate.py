@@ -22,6 +22,7 @@ from sdrt.runtime.core.models import Models
 from sdrt.runtime.core.request import Request
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.guidance import Guidance
+from sdrt.runtime.prompts import check_emphasis
 from sdrt.runtime.schedulers import load_scheduler
 from sdrt.runtime.schedulers.plan import Plan
 from sdrt.runtime.schedulers.scheduler import Scheduler
@@ -48,6 +49,7 @@ class Run:
     guidance: Guidance
     cfg_mode: str
     vae_tiling: Tiling | None
+    emphasis: str = "none"  # prompt syntax: "original" (A1111's, sdrt.runtime.prompts) or "none" (literal)
     generator: Any = None
     height: int | None = None  # the processing size, set by the first task's prepare
     width: int | None = None
@@ -88,7 +90,7 @@ class Generator:
 
     def __init__(self, folder: ModelFolder, family, provider="cpu", scheduler: str | None = None,
                  low_memory: bool = False, cfg_mode: str | None = None, vae_tiling: Tiling | None = None,
-                 vae: str = "full", encoder: bool = False, **engine_options):
+                 vae: str = "full", encoder: bool = False, emphasis: str = "original", **engine_options):
         if scheduler is not None and not isinstance(scheduler, str):
             raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {scheduler!r}")
         if cfg_mode is None:
@@ -105,6 +107,7 @@ class Generator:
                 f"got {provider!r}"
             )
         folder.check_provider(provider)
+        self.emphasis = check_emphasis(emphasis)
         self.folder = folder
         self.family = family
         self.cfg_mode = cfg_mode
@@ -118,7 +121,7 @@ class Generator:
         guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
                             request.guidance_interval)
         run = Run(request, self.family, tuple(tasks), self.models, self.scheduler, guidance, self.cfg_mode,
-                  self.vae_tiling)
+                  self.vae_tiling, self.emphasis)
         # 1. Every check, before any engine runs.
         self.family.check(run)
         for task in run.tasks:

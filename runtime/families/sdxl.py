@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdrt.runtime import prompts as weighted
 from sdrt.runtime.config import ModelFolder, read_json
 from sdrt.runtime.core.request import pair, real, texts
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
@@ -137,14 +138,29 @@ class StableDiffusionXL(Family):
 
     # -- conditioning --------------------------------------------------------------------------------
 
-    def encode_prompt(self, models, prompts, prompts_2) -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompt(self, models, prompts, prompts_2, emphasis: str = "none") -> tuple[np.ndarray, np.ndarray]:
         """(N, sequence, hidden + hidden_2) penultimate hidden states of both encoders side by side (the second's
-        alone without a first encoder), and the second encoder's (N, projection) pooled text_embeds."""
-        second = models.text_encoder_2.run({"input_ids": models.tokenizer_2(list(prompts_2))})
-        if not self.has_first_encoder:
-            return second[self.hidden_outputs[1]], second["text_embeds"]
-        first = models.text_encoder.run({"input_ids": models.tokenizer(list(prompts))})[self.hidden_outputs[0]]
-        return np.concatenate([first, second[self.hidden_outputs[1]]], axis=-1), second["text_embeds"]
+        alone without a first encoder), and the second encoder's (N, projection) pooled text_embeds. With emphasis
+        "original", of A1111's weighted chunks (sdrt.runtime.prompts), both encoders with the same chunk count,
+        pooled from the first chunk."""
+        if emphasis == "none":
+            second = models.text_encoder_2.run({"input_ids": models.tokenizer_2(list(prompts_2))})
+            hidden_2, pooled = second[self.hidden_outputs[1]], second["text_embeds"]
+            first = None if not self.has_first_encoder else models.text_encoder.run(
+                {"input_ids": models.tokenizer(list(prompts))})[self.hidden_outputs[0]]
+        else:  # both encoders padded to the same chunk count, so that their states sit side by side
+            count = weighted.chunk_count(models.tokenizer_2, prompts_2)
+            if self.has_first_encoder:
+                count = max(count, weighted.chunk_count(models.tokenizer, prompts))
+            run_2 = lambda ids: models.text_encoder_2.run({"input_ids": ids})  # noqa: E731
+            hidden_2, pooled = weighted.encode(models.tokenizer_2, run_2, list(prompts_2),
+                                               (self.hidden_outputs[1], "text_embeds"), count)[0]
+            run_1 = lambda ids: models.text_encoder.run({"input_ids": ids})  # noqa: E731
+            first = weighted.encode(models.tokenizer, run_1, list(prompts), self.hidden_outputs[:1], count)[0][0] \
+                if self.has_first_encoder else None
+        if first is None:
+            return hidden_2, pooled
+        return np.concatenate([first, hidden_2], axis=-1), pooled
 
     def conditioning(self, run) -> dict:
         """encoder_hidden_states, text_embeds and time_ids: negatives first with guidance (encoded in the same
@@ -157,6 +173,7 @@ class StableDiffusionXL(Family):
             models,
             texts_.negatives + texts_.prompts if encode_negatives else texts_.prompts,
             texts_.negatives_2 + texts_.prompts_2 if encode_negatives else texts_.prompts_2,
+            run.emphasis,
         )
         models.stage_done(models.text_encoder, models.text_encoder_2)
         if do_cfg and texts_.zero_negatives:
