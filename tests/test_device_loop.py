@@ -28,13 +28,9 @@ def generate(pipe, steps: int = 3, **kwargs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
+def xl_folder(tiny):
     pytest.importorskip("diffusers")
-    from sdrt.export.api import export_pipeline
-    from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
-
-    root = tmp_path_factory.mktemp("device-loop-xl")
-    return export_pipeline(save_tiny_xl_pipeline(root / "checkpoint"), root / "exported", log=lambda m: None)
+    return tiny["xl-base"]
 
 
 # -- the same images --------------------------------------------------------------------------------

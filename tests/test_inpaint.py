@@ -40,20 +40,14 @@ def mask(width: int = 64, height: int = 64, soft: bool = False, shift: int = 0) 
 
 
 @pytest.fixture(scope="module")
-def inpaint_checkpoint(tmp_path_factory):
-    from sdrt.export.fixtures_inpaint import save_tiny_inpaint_pipeline
-
-    return save_tiny_inpaint_pipeline(tmp_path_factory.mktemp("inpaint-checkpoint") / "sd1-inpaint", "sd1")
+def inpaint_checkpoint(tiny):
+    return tiny.checkpoint("sd1-inpaint")
 
 
 @pytest.fixture(scope="module")
-def models(exported, inpaint_checkpoint, tmp_path_factory):
+def models(exported, tiny):
     """name -> exported folder: "inpaint" (9-channel UNet), "sd1" and "sd2" (ordinary 4-channel UNets)."""
-    from sdrt.export.api import export_pipeline
-
-    folder = export_pipeline(inpaint_checkpoint, tmp_path_factory.mktemp("inpaint-exported") / "sd1-inpaint",
-                             log=lambda m: None)
-    return {"inpaint": folder, "sd1": exported["sd1"], "sd2": exported["sd2"]}
+    return {"inpaint": tiny["sd1-inpaint"], "sd1": exported["sd1"], "sd2": exported["sd2"]}
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,13 @@ PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k
 
 
 @pytest.fixture(scope="module")
-def lcm_checkpoint(tmp_path_factory):
-    from sdrt.export.fixtures_family import save_tiny_lcm_pipeline
-
-    return save_tiny_lcm_pipeline(tmp_path_factory.mktemp("lcm-checkpoint") / "lcm")
+def lcm_checkpoint(tiny):
+    return tiny.checkpoint("lcm")
 
 
 @pytest.fixture(scope="module")
-def lcm_folder(lcm_checkpoint, tmp_path_factory):
-    from sdrt.export.api import export_pipeline
-
-    return export_pipeline(lcm_checkpoint, tmp_path_factory.mktemp("lcm-exported") / "lcm", log=lambda m: None)
+def lcm_folder(tiny):
+    return tiny["lcm"]
 
 
 @pytest.fixture(scope="module")

@@ -250,13 +250,9 @@ def test_cli_optimize(exported, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def xl_exported(tmp_path_factory):
+def xl_exported(tiny):
     pytest.importorskip("diffusers")
-    from sdrt.export.api import export_pipeline
-    from sdrt.export.fixtures_xl import save_tiny_xl_pipeline
-
-    root = tmp_path_factory.mktemp("xl")
-    return export_pipeline(save_tiny_xl_pipeline(root / "checkpoint"), root / "onnx", log=lambda m: None)
+    return tiny["xl-base"]
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])

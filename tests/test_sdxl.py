@@ -32,19 +32,21 @@ quiet = lambda message: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def xl_checkpoints(tmp_path_factory) -> dict:
-    """"base": an SDXL base checkpoint; "aesthetic": an img2img one whose UNet takes an aesthetic score."""
+def xl_checkpoints(tiny, tmp_path_factory) -> dict:
+    """"base": an SDXL base checkpoint (the session's); "aesthetic": an img2img one whose UNet takes an aesthetic
+    score."""
     root = tmp_path_factory.mktemp("sdxl-checkpoints")
     return {
-        "base": save_tiny_xl_pipeline(root / "base"),
+        "base": tiny.checkpoint("xl-base"),
         "aesthetic": save_tiny_xl_pipeline(root / "aesthetic", seed=1, img2img=True, requires_aesthetics_score=True),
     }
 
 
 @pytest.fixture(scope="module")
-def xl_exported(xl_checkpoints, tmp_path_factory) -> dict:
+def xl_exported(xl_checkpoints, tiny, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sdxl-exported")
-    return {name: export_pipeline(src, root / name, log=quiet) for name, src in xl_checkpoints.items()}
+    return {"base": tiny["xl-base"], "aesthetic": export_pipeline(xl_checkpoints["aesthetic"], root / "aesthetic",
+                                                                  log=quiet)}
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,6 @@ from test_img2img import picture
 from test_inpaint import mask
 from test_sdxl_refiner import evaluations, run_reference
 
-from sdrt.export.api import export_pipeline
-from sdrt.export.fixtures_inpaint import save_tiny_xl_inpaint_pipeline
-from sdrt.export.fixtures_xl import save_tiny_xl_pipeline, save_tiny_xl_refiner
 from sdrt.runtime.cli import main
 from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
 from sdrt.runtime.families import inpaint_pipeline
@@ -33,19 +30,19 @@ PROMPTS = ["a red circle on a blue background", "an astronaut riding a horse, 4k
 STEPS = 5  # strength 0.9999 runs 4 steps, 0.6 runs 3
 
 
+NAMES = {"base": "xl-base", "inpaint": "xl-inpaint", "refiner": "xl-refiner"}  # conftest.TinyFolders' names
+
+
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict:
+def checkpoints(tiny) -> dict:
     """"base": the SDXL base checkpoint (4-channel UNet); "inpaint": a dedicated SDXL inpainting one (9 channels);
     "refiner": the SDXL refiner (4 channels, second text encoder only), which diffusers' inpainting pipeline loads."""
-    root = tmp_path_factory.mktemp("sdxl-inpaint-checkpoints")
-    return {"base": save_tiny_xl_pipeline(root / "base"), "inpaint": save_tiny_xl_inpaint_pipeline(root / "inpaint"),
-            "refiner": save_tiny_xl_refiner(root / "refiner")}
+    return {name: tiny.checkpoint(folder) for name, folder in NAMES.items()}
 
 
 @pytest.fixture(scope="module")
-def models(checkpoints, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sdxl-inpaint-exported")
-    return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in checkpoints.items()}
+def models(tiny) -> dict:
+    return {name: tiny[folder] for name, folder in NAMES.items()}
 
 
 @pytest.fixture(scope="module")

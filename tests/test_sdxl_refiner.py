@@ -15,8 +15,6 @@ diffusers = pytest.importorskip("diffusers")
 from reference import DIFFUSERS_SCHEDULERS, load_pipes, reference
 from test_img2img import picture
 
-from sdrt.export.api import export_pipeline
-from sdrt.export.fixtures_xl import save_tiny_xl_pipeline, save_tiny_xl_refiner
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.families import image_to_image_pipeline
@@ -24,21 +22,18 @@ from sdrt.runtime.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionX
 
 PROMPT = "an astronaut riding a horse, 4k!"
 STEPS = 10
-quiet = lambda message: None  # noqa: E731
 # Heun, a 2nd-order solver: its timesteps repeat, and denoising_start never splits one of its steps.
 SCHEDULERS = {**DIFFUSERS_SCHEDULERS, "heun": ("HeunDiscreteScheduler", {})}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sdxl-refiner-checkpoints")
-    return {"base": save_tiny_xl_pipeline(root / "base"), "refiner": save_tiny_xl_refiner(root / "refiner")}
+def checkpoints(tiny) -> dict:
+    return {"base": tiny.checkpoint("xl-base"), "refiner": tiny.checkpoint("xl-refiner")}
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoints, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sdxl-refiner-exported")
-    return {name: export_pipeline(src, root / name, log=quiet) for name, src in checkpoints.items()}
+def exported(tiny) -> dict:
+    return {"base": tiny["xl-base"], "refiner": tiny["xl-refiner"]}
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ def family_class(name: str) -> type[Family]:
 def _classes(task: str) -> dict:
     """family name -> the facade class of `task` ("txt2img", "img2img", "inpaint")."""
     from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
-    from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
     from sdrt.runtime.lcm import LatentConsistencyImg2ImgPipeline, LatentConsistencyPipeline
     from sdrt.runtime.pipeline import StableDiffusionPipeline
     from sdrt.runtime.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -63,7 +62,6 @@ def image_to_image_class(folder: ModelFolder) -> type:
 
 
 def inpaint_class(folder: ModelFolder) -> type:
-    from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
 
     return _classes("inpaint").get(folder.family, StableDiffusionInpaintPipeline)
 
