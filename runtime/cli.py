@@ -37,10 +37,11 @@ OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "gu
 
 
 def _in_cli_terms(message: str) -> str:
-    """An API error message with the option that sets the argument named first (`guidance_scale` -> --guidance)."""
+    """An API error message prefixed with the option that sets the argument it names first (guidance_scale:
+    --guidance)."""
     for name, option in OPTIONS.items():
         if message.startswith(name + " ") or message.startswith(name + "="):
-            return f"{option} ({name}){message[len(name):]}"
+            return f"{option}: {message}"
     return message
 
 

@@ -30,7 +30,7 @@ def run_without_torch(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def sd_checkpoints(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("diffusers")
     from sdrt.export.fixtures import save_tiny_pipeline
 
@@ -39,11 +39,22 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
+def sd_exported(sd_checkpoints, tmp_path_factory) -> dict[str, Path]:
     from sdrt.export.api import export_pipeline
 
     root = tmp_path_factory.mktemp("exported")
-    return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in checkpoints.items()}
+    return {name: export_pipeline(src, root / name, log=lambda m: None) for name, src in sd_checkpoints.items()}
+
+
+# The names the tests use; a module may define its own `checkpoints` / `exported` without breaking `tiny`.
+@pytest.fixture(scope="session")
+def checkpoints(sd_checkpoints) -> dict[str, Path]:
+    return sd_checkpoints
+
+
+@pytest.fixture(scope="session")
+def exported(sd_exported) -> dict[str, Path]:
+    return sd_exported
 
 
 class TinyFolders:
@@ -80,5 +91,5 @@ class TinyFolders:
 
 
 @pytest.fixture(scope="session")
-def tiny(exported, tmp_path_factory) -> TinyFolders:
-    return TinyFolders(exported, tmp_path_factory.mktemp("tiny"))
+def tiny(sd_exported, tmp_path_factory) -> TinyFolders:
+    return TinyFolders(sd_exported, tmp_path_factory.mktemp("tiny"))

@@ -150,9 +150,9 @@ def test_sequential_cfg_splits_extra_unet_inputs_like_the_embeddings(exported):
     recorder = RecordingEngine(pipe.unet, pipe)
     pipe.unet = recorder
     batch = 2
-    run = Run(Request(PROMPTS, negative_prompt=["", "blurry"]), pipe.generator.family, (), pipe.models,
+    run = Run(Request(PROMPTS, negative_prompt=["", "blurry"]), pipe.core.family, (), pipe.models,
               pipe.scheduler, Guidance(True, 7.5), "sequential", None)
-    embeds = pipe.generator.family.conditioning(run)["encoder_hidden_states"]
+    embeds = pipe.core.family.conditioning(run)["encoder_hidden_states"]
     time_ids = np.arange(2 * batch * 6, dtype=np.float32).reshape(2 * batch, 6)  # rows 0-1 negative, 2-3 positive
     run.plan = pipe.scheduler.plan(2)
     run.conditioning = {"encoder_hidden_states": embeds, "time_ids": time_ids}

@@ -34,7 +34,7 @@ NAMES = {"base": "xl-base", "inpaint": "xl-inpaint", "refiner": "xl-refiner"}  #
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny) -> dict:
+def xl_checkpoints(tiny) -> dict:
     """"base": the SDXL base checkpoint (4-channel UNet); "inpaint": a dedicated SDXL inpainting one (9 channels);
     "refiner": the SDXL refiner (4 channels, second text encoder only), which diffusers' inpainting pipeline loads."""
     return {name: tiny.checkpoint(folder) for name, folder in NAMES.items()}
@@ -46,9 +46,9 @@ def models(tiny) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_pipes(checkpoints) -> dict:
+def reference_pipes(xl_checkpoints) -> dict:
     pipes = {}
-    for name, path in checkpoints.items():
+    for name, path in xl_checkpoints.items():
         pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(path, add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
         pipes[name] = (pipe, pipe.scheduler)

@@ -27,7 +27,7 @@ SCHEDULERS = {**DIFFUSERS_SCHEDULERS, "heun": ("HeunDiscreteScheduler", {})}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny) -> dict:
+def xl_checkpoints(tiny) -> dict:
     return {"base": tiny.checkpoint("xl-base"), "refiner": tiny.checkpoint("xl-refiner")}
 
 
@@ -37,9 +37,9 @@ def exported(tiny) -> dict:
 
 
 @pytest.fixture(scope="module")
-def references(checkpoints) -> dict:
-    return {**load_pipes(diffusers.StableDiffusionXLPipeline, {"base": checkpoints["base"]}),
-            **load_pipes(diffusers.StableDiffusionXLImg2ImgPipeline, {"refiner": checkpoints["refiner"]})}
+def references(xl_checkpoints) -> dict:
+    return {**load_pipes(diffusers.StableDiffusionXLPipeline, {"base": xl_checkpoints["base"]}),
+            **load_pipes(diffusers.StableDiffusionXLImg2ImgPipeline, {"refiner": xl_checkpoints["refiner"]})}
 
 
 def run_reference(pipe_and_scheduler, scheduler: str | None, seed: int, **kwargs):

@@ -85,7 +85,7 @@ class Facade:
                 f"{type(folder).__name__}"
             )
         check_folder(folder, self.family, self.task, type(self).__name__)
-        object.__setattr__(self, "generator", Generator(
+        object.__setattr__(self, "core", Generator(
             folder, family_class(self.family)(folder), provider=provider, scheduler=scheduler, low_memory=low_memory,
             cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, emphasis=emphasis,
             **engine_options))
@@ -98,19 +98,19 @@ class Facade:
     # -- the engines and settings, as attributes (replaceable: recording or instrumented engines) -------
 
     def __getattr__(self, name):
-        generator = self.__dict__.get("generator")
+        core = self.__dict__.get("core")
         absent = (name == "vae_encoder" and not self.needs_encoder) or (
             name in ("text_encoder_2", "tokenizer_2") and not self.uses_text_encoder_2)
-        if generator is not None and not absent:
+        if core is not None and not absent:
             if name in ENGINES or name in ("provider", "low_memory", "engine_options", "vae_choice"):
-                return getattr(generator.models, name)
+                return getattr(core.models, name)
             if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models", "emphasis"):
-                return getattr(generator, name)
+                return getattr(core, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        target = self.generator.models if name in ENGINES else \
-            self.generator if name in ("scheduler", "cfg_mode", "vae_tiling", "emphasis") else None
+        target = self.core.models if name in ENGINES else \
+            self.core if name in ("scheduler", "cfg_mode", "vae_tiling", "emphasis") else None
         object.__setattr__(target if target is not None else self, name, value)
 
     @property
@@ -122,10 +122,10 @@ class Facade:
         return is_inpainting_unet(self.folder)
 
     def release(self) -> None:
-        self.generator.models.release()
+        self.core.models.release()
 
     def _engine(self, component: str):
-        return self.generator.models.engine(component)
+        return self.core.models.engine(component)
 
     def _check_size(self, height: int, width: int, subject: str = "") -> None:
         check_size(self.folder, height, width, subject)
@@ -139,4 +139,4 @@ class Facade:
         tasks = [self.task()]
         if request.denoising_start is not None or request.denoising_end is not None:
             tasks.append(HandOff())
-        return self.generator.generate(request, tasks)
+        return self.core.generate(request, tasks)

@@ -62,6 +62,7 @@ def image_to_image_class(folder: ModelFolder) -> type:
 
 
 def inpaint_class(folder: ModelFolder) -> type:
+    from sdrt.runtime.inpaint import StableDiffusionInpaintPipeline
 
     return _classes("inpaint").get(folder.family, StableDiffusionInpaintPipeline)
 
