@@ -100,6 +100,22 @@ def test_sd_inpainting_hands_off_too(tiny):
     assert rest.images.shape == (1, 64, 64, 3) and np.isfinite(rest.images).all()
 
 
+def test_a_request_may_name_its_own_scheduler(exported):
+    """Request.scheduler runs one generation with another solver than the Generator's, as a pipeline opened with it."""
+    folder = ModelFolder.open(exported["sd1"])
+    from sdrt.runtime.tasks.txt2img import TextToImage
+
+    core = Generator(folder, StableDiffusion(folder))
+    got = core.generate(Request(PROMPT, num_inference_steps=3, seed=2, output_type="np", scheduler="euler-a"),
+                        [TextToImage()])
+    expected = StableDiffusionPipeline.from_pretrained(exported["sd1"], scheduler="euler-a")(
+        PROMPT, num_inference_steps=3, seed=2, output_type="np")
+    np.testing.assert_array_equal(got.images, expected.images)
+    assert "Sampler: euler-a" in got.parameters[0]
+    with pytest.raises(InvalidInputError):
+        Request(PROMPT, scheduler=3)
+
+
 # -- guidance interval ---------------------------------------------------------------------------------------
 
 

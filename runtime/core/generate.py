@@ -116,11 +116,13 @@ class Generator:
                              **engine_options)
         self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
         self.scheduler_name = scheduler
+        self._schedulers: dict[str, Scheduler] = {}
 
     def generate(self, request: Request, tasks: Sequence) -> PipelineOutput:
         guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
                             request.guidance_interval)
-        run = Run(request, self.family, tuple(tasks), self.models, self.scheduler, guidance, self.cfg_mode,
+        scheduler = self.scheduler if request.scheduler is None else self._scheduler(request.scheduler)
+        run = Run(request, self.family, tuple(tasks), self.models, scheduler, guidance, self.cfg_mode,
                   self.vae_tiling, self.emphasis)
         # 1. Every check, before any engine runs.
         self.family.check(run)
@@ -143,10 +145,16 @@ class Generator:
             images = task.finish(run, images)
         return PipelineOutput(images, getattr(run.generator, "seed", None), self._parameters(run), run.timings)
 
+    def _scheduler(self, name: str) -> Scheduler:
+        """A request's own scheduler, made from the folder's config once per name (schedulers are immutable)."""
+        if name not in self._schedulers:
+            self._schedulers[name] = load_scheduler(self.folder.scheduler_config, name=name)
+        return self._schedulers[name]
+
     def _parameters(self, run: Run) -> list[str]:
         """A1111-style parameters text per image."""
         request = run.request
-        scheduler = self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?")
+        scheduler = request.scheduler or self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?")
         negatives = request.negative_prompt or ("",) * len(request.prompt)
         fields = dict(steps=request.num_inference_steps, guidance_scale=request.guidance_scale, **run.parameters)
         if request.guidance_interval is not None:

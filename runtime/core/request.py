@@ -144,6 +144,7 @@ class Request:
     width: int | None = None
     num_images_per_prompt: int = 1
     eta: float = 0.0
+    scheduler: str | None = None  # a registry name (sdrt.runtime.schedulers) for this run; None: the Generator's
     seed: int | None = None
     generator: Any = None
     rng: str = "torch"
@@ -180,6 +181,8 @@ class Request:
                 set_(name, integer(name, getattr(self, name)))
         set_("num_images_per_prompt", integer("num_images_per_prompt", self.num_images_per_prompt))
         set_("eta", real("eta", self.eta, 0.0, 1.0))
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {self.scheduler!r}")
         if self.seed is not None and (isinstance(self.seed, (bool, np.bool_))
                                       or not isinstance(self.seed, (int, np.integer))):
             raise InvalidInputError(f"seed must be an integer or None, got {self.seed!r}")
