@@ -31,7 +31,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 # The Python API's argument names -> the options that set them, for messages (InvalidInputError names the former).
-OPTIONS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
+OPTIONS = {"clip_skip": "--clip-skip", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
            "num_images_per_prompt": "--num-images", "negative_prompt_2": "--negative-2", "negative_prompt": "--negative",
            "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac"}
 
@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
     )
     # Defaults: the pipeline's, as diffusers (steps 50, LCM 4; guidance SD 7.5, SDXL 5.0, LCM 8.5).
     for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
-                        ("guidance_interval", args.guidance_interval)):
+                        ("guidance_interval", args.guidance_interval), ("clip_skip", args.clip_skip)):
         if value is not None:
             common[name] = value
     if args.refiner is None and args.high_noise_frac is not None:
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--emphasis", choices=("original", "none"), default="original",
                    help="original (default): read PROMPT in A1111's syntax, (word:1.2) [word] BREAK, any length, "
                         "in chunks of 75 tokens; none: literal text cut at 77 tokens, as diffusers")
+    g.add_argument("--clip-skip", type=int, default=None,
+                   help="SDXL: take the prompt's embeddings this many text-encoder layers earlier (diffusers' clip_skip)")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")

@@ -38,7 +38,7 @@ class LatentConsistencyPipeline(Facade):
         height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
         seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
-        negative_prompt: str | Sequence[str] | None = None, guidance_interval: tuple[float, float] | None = None,
+        negative_prompt: str | Sequence[str] | None = None, guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """guidance_scale: the weight the UNet was distilled to follow (its embedding input), not CFG: it
         costs nothing per step. num_inference_steps: at most the scheduler's original_inference_steps.
@@ -58,7 +58,7 @@ class LatentConsistencyImg2ImgPipeline(Facade):
         guidance_scale: float = 8.5, num_images_per_prompt: int = 1, seed: int | None = None, generator=None,
         rng: str = "torch", output_type: str = "pil", callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False, negative_prompt: str | Sequence[str] | None = None,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """image: as StableDiffusionImg2ImgPipeline's. strength: in (0, 1]; the schedule starts that far up
         the distillation timesteps and all num_inference_steps run, so num_inference_steps can be at most

@@ -36,11 +36,12 @@ class StableDiffusionPipeline(Facade):
         num_images_per_prompt: int = 1, eta: float = 0.0,
         seed: int | None = None, generator=None, rng: str = "torch",
         output_type: str = "pil", callback: Callable[[int, float, np.ndarray], Any] | None = None,
-        progress: bool = False, guidance_interval: tuple[float, float] | None = None,
+        progress: bool = False, guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """height, width: default the model's size. guidance_interval: (lo, hi), apply classifier-free guidance
         only at the steps whose noise level sigma is in [lo, hi] (Kynkaanniemi et al. 2024); the others run
         the conditional half alone. callback(step, timestep, latents) runs after every step; returning False
         stops the run with sdrt.runtime.errors.CancelledError. seed (or generator, an sdrt.runtime.rng
-        generator) makes the run reproducible; rng "torch" gives diffusers' CPU noise for a seed."""
+        generator) makes the run reproducible; rng "torch" gives diffusers' CPU noise for a seed. clip_skip: SDXL
+        folders only so far (refused here with a message)."""
         return self._generate(locals())

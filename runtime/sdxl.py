@@ -58,12 +58,14 @@ class StableDiffusionXLPipeline(Facade):
         output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """Sizes are (height, width) and crops (top, left) in pixels, as diffusers takes them; see
         micro_conditioning for their defaults. denoising_end: in (0, 1), stop once that share of the schedule
         is done (diffusers' cutoff); with output_type="latent", for a refiner to finish from the same
-        denoising_start (StableDiffusionXLImg2ImgPipeline, image=these latents). Others as StableDiffusionPipeline's."""
+        denoising_start (StableDiffusionXLImg2ImgPipeline, image=these latents). clip_skip: the prompt's embeddings
+        from that many layers before the penultimate one (diffusers' meaning: the negatives keep the penultimate;
+        the pooled embedding stays the last layer's). Others as StableDiffusionPipeline's."""
         return self._generate(locals())
 
 
@@ -87,7 +89,7 @@ class StableDiffusionXLImg2ImgPipeline(Facade):
         negative_aesthetic_score: float = 2.5, num_images_per_prompt: int = 1, eta: float = 0.0,
         seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """image and strength as StableDiffusionImg2ImgPipeline's (strength defaults to 0.3, as diffusers');
         image may be latents (an NCHW float array, as output_type="latent" gives), used without the VAE encoder.

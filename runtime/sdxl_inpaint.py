@@ -48,7 +48,7 @@ class StableDiffusionXLInpaintPipeline(Facade):
         num_images_per_prompt: int = 1, eta: float = 0.0, seed: int | None = None, generator=None,
         rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
     ) -> PipelineOutput:
         """image, mask_image, height, width and padding_mask_crop as StableDiffusionInpaintPipeline's (the
         size defaults to the picture's; diffusers' to the model's: pass both to compare); the prompts and

@@ -293,3 +293,30 @@ def test_generate_reads_the_syntax_and_keeps_the_prompt_as_written(exported, tmp
         assert png.info["parameters"].startswith(prompt)
     assert main(["generate", str(exported["sd1"]), "a [cat:dog:0.5]", "-o", str(out), "-q"]) == 2
     assert "prompt editing" in capsys.readouterr().err
+
+
+# -- clip skip -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_skip", [1])  # the tiny encoders have 2 layers: 1 is the only skip they allow
+def test_sdxl_clip_skip_matches_diffusers(tiny, clip_skip):
+    """diffusers' meaning: the prompt's embeddings from hidden_states[-(clip_skip + 2)] of both encoders; the
+    negatives' stay the penultimate layer's, the pooled embedding the last layer's."""
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny.checkpoint("xl-base"))
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0)
+    expected = reference(clip_skip=clip_skip, generator=torch.Generator("cpu").manual_seed(2), output_type="np",
+                         **kwargs).images
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])
+    got = pipe(clip_skip=clip_skip, seed=2, output_type="np", **kwargs).images
+    assert np.abs(got - expected).max() < 1e-3
+    assert not np.array_equal(got, pipe(seed=2, output_type="np", **kwargs).images)
+
+
+def test_clip_skip_refusals(exported, tiny):
+    with pytest.raises(InvalidInputError, match="clip_skip is not supported for SD 1.x / 2.x"):
+        StableDiffusionPipeline.from_pretrained(exported["sd1"])("a cat", clip_skip=1, num_inference_steps=1)
+    xl = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])
+    for bad in (0, 1.5, "2", 2, 99):  # 2: past the tiny encoders' first layer (diffusers: IndexError)
+        with pytest.raises(InvalidInputError, match="clip_skip"):
+            xl("a cat", clip_skip=bad, num_inference_steps=1)

@@ -144,6 +144,7 @@ class Request:
     width: int | None = None
     num_images_per_prompt: int = 1
     eta: float = 0.0
+    clip_skip: int | None = None  # use the text encoder's output this many layers before the usual one
     scheduler: str | None = None  # a registry name (sdrt.runtime.schedulers) for this run; None: the Generator's
     seed: int | None = None
     generator: Any = None
@@ -181,6 +182,8 @@ class Request:
                 set_(name, integer(name, getattr(self, name)))
         set_("num_images_per_prompt", integer("num_images_per_prompt", self.num_images_per_prompt))
         set_("eta", real("eta", self.eta, 0.0, 1.0))
+        if self.clip_skip is not None:
+            set_("clip_skip", integer("clip_skip", self.clip_skip, 1))
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {self.scheduler!r}")
         if self.seed is not None and (isinstance(self.seed, (bool, np.bool_))

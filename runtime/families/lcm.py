@@ -55,6 +55,7 @@ class LatentConsistency(StableDiffusion):
         self.embedding_dim = time_cond_proj_dim(folder)
 
     def check(self, run) -> None:
+        super().check(run)
         if run.request.guidance_interval is not None:
             raise InvalidInputError(
                 "a Latent Consistency Model has no classifier-free guidance to limit to an interval (its guidance is "

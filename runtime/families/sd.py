@@ -7,11 +7,20 @@ import time
 import numpy as np
 
 from sdrt.runtime import prompts as weighted
+from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.families.base import Family
 
 
 class StableDiffusion(Family):
     name = "stable-diffusion"
+
+    def check(self, run) -> None:
+        if run.request.clip_skip is not None:
+            raise InvalidInputError(
+                "clip_skip is not supported for SD 1.x / 2.x folders yet: it needs an earlier layer of the text "
+                "encoder through its final layer norm, which sdrt export does not write yet (SDXL folders take it); "
+                "leave clip_skip out"
+            )
 
     def encode_prompt(self, models, prompts, emphasis: str = "none") -> np.ndarray:
         """The last hidden states (N, 77 x chunks, D): of the literal prompts cut at 77 tokens (emphasis "none", as

@@ -70,8 +70,8 @@ def micro_conditioning(height: int, width: int, aesthetics: bool = False, *, ori
             np.array([negative_original + negative_crops + negative_last], dtype=np.float32))
 
 
-def penultimate_output(folder: ModelFolder, component: str) -> str:
-    """The name of the output holding the encoder's penultimate hidden states ("hidden_states.{N-1}")."""
+def hidden_state_outputs(folder: ModelFolder, component: str) -> list[str]:
+    """The names of the encoder's per-layer hidden states, embeddings first ("hidden_states.0" ... ".N")."""
     layers = sorted((name for name in folder.spec(component).output_names if name.startswith("hidden_states.")),
                     key=lambda name: int(name.split(".")[1]))
     if len(layers) < 2:
@@ -79,7 +79,12 @@ def penultimate_output(folder: ModelFolder, component: str) -> str:
             f"{folder.path / component}: the text encoder gives no per-layer hidden states (its config.json lacks "
             "output_hidden_states: true), and SDXL reads the penultimate layer; re-export with sdrt export"
         )
-    return layers[-2]
+    return layers
+
+
+def penultimate_output(folder: ModelFolder, component: str) -> str:
+    """The name of the output holding the encoder's penultimate hidden states ("hidden_states.{N-1}")."""
+    return hidden_state_outputs(folder, component)[-2]
 
 
 class StableDiffusionXL(Family):
@@ -94,8 +99,9 @@ class StableDiffusionXL(Family):
             )
         super().__init__(folder)
         self.has_first_encoder = "text_encoder" in folder.components  # False: the refiner
-        self.hidden_outputs = (penultimate_output(folder, "text_encoder") if self.has_first_encoder else None,
-                               penultimate_output(folder, "text_encoder_2"))
+        self.layers = (hidden_state_outputs(folder, "text_encoder") if self.has_first_encoder else None,
+                       hidden_state_outputs(folder, "text_encoder_2"))
+        self.hidden_outputs = tuple(layers[-2] if layers else None for layers in self.layers)
         index = read_json(folder.path / "model_index.json")
         self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
         self.requires_aesthetics_score = bool(index.get("requires_aesthetics_score", False))
@@ -105,6 +111,7 @@ class StableDiffusionXL(Family):
 
     def check(self, run) -> None:
         self.prompts(run.request)
+        self.outputs(run.request.clip_skip)
         unknown = set(run.request.micro_conditioning) - set(MICRO_CONDITIONING)
         if unknown:
             raise InvalidInputError(f"unknown arguments {sorted(unknown)}; SDXL takes {MICRO_CONDITIONING}")
@@ -125,6 +132,16 @@ class StableDiffusionXL(Family):
         zero = request.negative_prompt is None and self.force_zeros_for_empty_prompt
         return Prompts(prompts, prompts_2, negatives, negatives_2, zero)
 
+    def outputs(self, clip_skip: int | None) -> tuple[str | None, str]:
+        """The hidden states each encoder's embeddings come from: the penultimate layer, or clip_skip layers
+        before it (diffusers' hidden_states[-(clip_skip + 2)]; the pooled embedding stays the last layer's)."""
+        if clip_skip is None:
+            return self.hidden_outputs
+        usable = min(len(layers) for layers in self.layers if layers) - 2
+        if clip_skip > usable:
+            raise InvalidInputError(f"clip_skip={clip_skip} goes past the text encoders' first layer: at most {usable}")
+        return tuple(layers[-(clip_skip + 2)] if layers else None for layers in self.layers)
+
     def time_ids(self, run, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         aesthetics = self.requires_aesthetics_score and any(task.takes_image for task in run.tasks)
         rows = micro_conditioning(height, width, aesthetics, **run.request.micro_conditioning)
@@ -138,29 +155,31 @@ class StableDiffusionXL(Family):
 
     # -- conditioning --------------------------------------------------------------------------------
 
-    def encode_prompt(self, models, prompts, prompts_2, emphasis: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompt(self, models, prompts, prompts_2, emphasis: str = "none", clip_skip: int | None = None,
+                      skip_from: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(N, sequence, hidden + hidden_2) penultimate hidden states of both encoders side by side (the second's
         alone without a first encoder), and the second encoder's (N, projection) pooled text_embeds. With emphasis
         "original", of A1111's weighted chunks (sdrt.runtime.prompts), both encoders with the same chunk count,
-        pooled from the first chunk."""
-        if emphasis == "none":
-            second = models.text_encoder_2.run({"input_ids": models.tokenizer_2(list(prompts_2))})
-            hidden_2, pooled = second[self.hidden_outputs[1]], second["text_embeds"]
-            first = None if not self.has_first_encoder else models.text_encoder.run(
-                {"input_ids": models.tokenizer(list(prompts))})[self.hidden_outputs[0]]
-        else:  # both encoders padded to the same chunk count, so that their states sit side by side
-            count = weighted.chunk_count(models.tokenizer_2, prompts_2)
-            if self.has_first_encoder:
-                count = max(count, weighted.chunk_count(models.tokenizer, prompts))
-            run_2 = lambda ids: models.text_encoder_2.run({"input_ids": ids})  # noqa: E731
-            hidden_2, pooled = weighted.encode(models.tokenizer_2, run_2, list(prompts_2),
-                                               (self.hidden_outputs[1], "text_embeds"), count)[0]
-            run_1 = lambda ids: models.text_encoder.run({"input_ids": ids})  # noqa: E731
-            first = weighted.encode(models.tokenizer, run_1, list(prompts), self.hidden_outputs[:1], count)[0][0] \
-                if self.has_first_encoder else None
-        if first is None:
-            return hidden_2, pooled
-        return np.concatenate([first, hidden_2], axis=-1), pooled
+        pooled from the first chunk. clip_skip: rows from `skip_from` on read that many layers earlier (diffusers
+        skips for the prompts, not for the negatives)."""
+        skipped = self.outputs(clip_skip)
+        states = []
+        for k, (tokenizer, encoder, texts) in enumerate(((models.tokenizer, models.text_encoder, prompts),
+                                                         (models.tokenizer_2, models.text_encoder_2, prompts_2))):
+            if encoder is None:
+                continue
+            names = (self.hidden_outputs[k], skipped[k], "text_embeds")[:3 if k else 2]
+            run = lambda ids, encoder=encoder: encoder.run({"input_ids": ids})  # noqa: E731
+            if emphasis == "none":
+                result = run(tokenizer(list(texts)))
+                values = [result[name] for name in names]
+            else:  # both encoders padded to the same chunk count, so that their states sit side by side
+                count = max(weighted.chunk_count(t, x) for t, x in ((models.tokenizer_2, prompts_2),
+                                                                    (models.tokenizer, prompts)) if t is not None)
+                values = weighted.encode(tokenizer, run, list(texts), names, count)[0]
+            states.append(np.concatenate([values[0][:skip_from], values[1][skip_from:]]))
+            pooled = values[2] if k else None
+        return (states[0] if len(states) == 1 else np.concatenate(states, axis=-1)), pooled
 
     def conditioning(self, run) -> dict:
         """encoder_hidden_states, text_embeds and time_ids: negatives first with guidance (encoded in the same
@@ -173,7 +192,7 @@ class StableDiffusionXL(Family):
             models,
             texts_.negatives + texts_.prompts if encode_negatives else texts_.prompts,
             texts_.negatives_2 + texts_.prompts_2 if encode_negatives else texts_.prompts_2,
-            run.emphasis,
+            run.emphasis, request.clip_skip, len(texts_.negatives) if encode_negatives else 0,
         )
         models.stage_done(models.text_encoder, models.text_encoder_2)
         if do_cfg and texts_.zero_negatives:
