@@ -18,8 +18,9 @@ from sdrt.runtime.tasks.inpaint import Inpaint, is_inpainting_unet
 ENGINES = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
-def check_folder(folder: ModelFolder, family: str, task, facade: str) -> None:
-    """Refuse a folder that another pipeline class runs, saying which one (UnsupportedConfigError)."""
+def check_folder(folder: ModelFolder, family: str, task, facade: str):
+    """The folder's `family` object; UnsupportedConfigError for a folder that another pipeline class runs, saying
+    which one."""
     actual = family_name(folder)
     channels, latent_channels = folder.unet_config.get("in_channels"), folder.vae.latent_channels
     if task is Inpaint:
@@ -40,8 +41,8 @@ def check_folder(folder: ModelFolder, family: str, task, facade: str) -> None:
                 f"{folder.path}: the UNet takes {channels} input channels; inpainting runs UNets of "
                 f"{latent_channels} (latents) or {2 * latent_channels + 1} (latents, mask, masked picture)"
             )
-        return
-    family_class(family)(folder)  # the family's own refusals first (an LCM facade on a plain UNet, ...)
+        return family_class(family)(folder)
+    made = family_class(family)(folder)  # the family's own refusals first (an LCM facade on a plain UNet, ...)
     if channels != latent_channels:
         raise UnsupportedConfigError(
             f"{folder.path}: the UNet takes {channels} input channels, not the VAE's {latent_channels} latent "
@@ -58,6 +59,7 @@ def check_folder(folder: ModelFolder, family: str, task, facade: str) -> None:
             f"{folder.path} is an SDXL model (two text encoders): run it with sdrt.runtime.sdxl's "
             "StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline (sdrt.runtime.families picks the class)"
         )
+    return made
 
 
 class Facade:
@@ -84,9 +86,9 @@ class Facade:
                 f"folder must be a ModelFolder; open a path with {type(self).__name__}.from_pretrained(path), got "
                 f"{type(folder).__name__}"
             )
-        check_folder(folder, self.family, self.task, type(self).__name__)
+        family = check_folder(folder, self.family, self.task, type(self).__name__)
         object.__setattr__(self, "core", Generator(
-            folder, family_class(self.family)(folder), provider=provider, scheduler=scheduler, low_memory=low_memory,
+            folder, family, provider=provider, scheduler=scheduler, low_memory=low_memory,
             cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, emphasis=emphasis,
             **engine_options))
 

@@ -101,12 +101,6 @@ class Generator:
             if not isinstance(vae_tiling, Tiling):
                 raise InvalidInputError(f"vae_tiling must be a sdrt.runtime.tiling.Tiling or None, got {vae_tiling!r}")
             vae_tiling.check(folder.vae.scale_factor)
-        if not isinstance(provider, str):
-            raise InvalidInputError(
-                f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
-                f"got {provider!r}"
-            )
-        folder.check_provider(provider)
         self.emphasis = check_emphasis(emphasis)
         self.folder = folder
         self.family = family

@@ -32,6 +32,7 @@ class Models:
                 f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
                 f"got {provider!r}"
             )
+        folder.check_provider(provider)  # a folder the provider cannot run is refused before any engine is made
         if not isinstance(low_memory, bool):
             raise InvalidInputError(f"low_memory must be True or False, got {low_memory!r}")
         self.folder = folder

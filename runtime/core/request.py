@@ -47,10 +47,6 @@ def real(name: str, value, low: float | None = None, high: float | None = None, 
     return value
 
 
-def optional_real(name: str, value, low=None, high=None, **bounds) -> float | None:
-    return None if value is None else real(name, value, low, high, **bounds)
-
-
 def texts(name: str, value, count: int | None = None) -> tuple[str, ...] | None:
     """None, a string, or a non-empty list of strings (of `count` entries when given; a string fills them all)."""
     if value is None:

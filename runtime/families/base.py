@@ -13,7 +13,6 @@ from sdrt.runtime.config import ModelFolder
 
 class Family:
     name = ""
-    # A1111 infotext and messages use these; the facades give diffusers' defaults in their signatures.
     strength_in_schedule = False  # img2img builds the schedule for strength (LCM) instead of cutting it
 
     def __init__(self, folder: ModelFolder):

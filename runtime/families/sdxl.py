@@ -163,20 +163,21 @@ class StableDiffusionXL(Family):
         pooled from the first chunk. clip_skip: rows from `skip_from` on read that many layers earlier (diffusers
         skips for the prompts, not for the negatives)."""
         skipped = self.outputs(clip_skip)
+        if emphasis != "none":  # both encoders padded to the same chunk count, so that their states sit side by side
+            count = max(weighted.chunk_count(t, x) for t, x in ((models.tokenizer_2, prompts_2),
+                                                                (models.tokenizer, prompts)) if t is not None)
         states = []
-        for k, (tokenizer, encoder, texts) in enumerate(((models.tokenizer, models.text_encoder, prompts),
-                                                         (models.tokenizer_2, models.text_encoder_2, prompts_2))):
+        for k, (tokenizer, encoder, encoder_texts) in enumerate(((models.tokenizer, models.text_encoder, prompts),
+                                                                 (models.tokenizer_2, models.text_encoder_2, prompts_2))):
             if encoder is None:
                 continue
             names = (self.hidden_outputs[k], skipped[k], "text_embeds")[:3 if k else 2]
             run = lambda ids, encoder=encoder: encoder.run({"input_ids": ids})  # noqa: E731
             if emphasis == "none":
-                result = run(tokenizer(list(texts)))
+                result = run(tokenizer(list(encoder_texts)))
                 values = [result[name] for name in names]
-            else:  # both encoders padded to the same chunk count, so that their states sit side by side
-                count = max(weighted.chunk_count(t, x) for t, x in ((models.tokenizer_2, prompts_2),
-                                                                    (models.tokenizer, prompts)) if t is not None)
-                values = weighted.encode(tokenizer, run, list(texts), names, count)[0]
+            else:
+                values = weighted.encode(tokenizer, run, list(encoder_texts), names, count)[0]
             states.append(np.concatenate([values[0][:skip_from], values[1][skip_from:]]))
             pooled = values[2] if k else None
         return (states[0] if len(states) == 1 else np.concatenate(states, axis=-1)), pooled
