@@ -56,6 +56,14 @@ class Engine:
     def release(self) -> None:
         raise NotImplementedError
 
+    def set_initializers(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Run with these arrays in place of the network file's weights of the same names (initializer names;
+        LoRA); `{}` restores the file's. Each call replaces the previous set: nothing stacks."""
+        from sdrt.engines.errors import EngineError
+
+        if arrays:
+            raise EngineError(f"{type(self).__name__} cannot replace a network's weights")
+
     def warmup(self, dims: Mapping[str, int], runs: int = 1) -> None:
         """Run the network on zeros of the spec's shapes, so that the first real call is not a cold one."""
         if self.spec is None:

@@ -178,6 +178,8 @@ class OrtEngine(Engine):
         self._other_shapes: OrtEngine | None = None  # runs shapes other than the fixed ones
         self._fixed_dims: dict[str, int] | None = None  # free-dimension overrides (fixed shapes, see above)
         self._session_dims: dict[str, int] | None = None  # the overrides the loaded session was made with
+        self._initializers: dict[str, np.ndarray] = {}  # weights replacing the file's (set_initializers)
+        self._initializer_values: list = []  # their OrtValues, alive as long as the session that uses them
 
     @property
     def loaded(self) -> bool:
@@ -205,13 +207,23 @@ class OrtEngine(Engine):
             so.optimized_model_filepath = str(self.options.optimized_model_path)
         for axis, size in (self._fixed_dims or {}).items():
             so.add_free_dimension_override_by_name(axis, size)
+        values = []
+        for name, array in self._initializers.items():
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            so.add_initializer(name, values[-1])
         if any(_name(p) in GPU_PROVIDERS for p in self.providers):
             _preload_cuda_libraries(ort)
+        # onnxruntime's NCHWc layout pass (CPU, level "all") reorders Conv weights from the file's initializers,
+        # not from add_initializer's (onnxruntime 1.32: a replaced Conv weight is silently ignored); it is
+        # turned off where a convolution's weight (4-D) is replaced.
+        disabled = ["NchwcTransformer"] if any(a.ndim >= 3 for a in self._initializers.values()) else None
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers)
+            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers,
+                                                 disabled_optimizers=disabled)
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise EngineError(f"onnxruntime could not load {self.path}: {e}") from e
         self._session_dims = self._fixed_dims
+        self._initializer_values = values
 
     @property
     def _loaded_session(self):
@@ -268,6 +280,7 @@ class OrtEngine(Engine):
                           "running them in a second session without fixed buffers or CUDA graph",
                           RuntimeWarning, stacklevel=3)
             self._other_shapes = OrtEngine(self.path, self.spec, self._plain_providers, self.options, io_binding=True)
+            self._other_shapes.set_initializers(self._initializers)
         return self._other_shapes
 
     def run_ortvalues(self, feed: Mapping[str, Any]) -> dict[str, Any]:
@@ -328,8 +341,33 @@ class OrtEngine(Engine):
             raise EngineError(f"onnxruntime failed to run {self.path} on shapes {shapes}: {e}") from e
         return dict(zip(self.output_names, outputs))
 
+    @property
+    def initializers(self) -> dict[str, np.ndarray]:
+        return dict(self._initializers)
+
+    def set_initializers(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Run with these arrays in place of the file's initializers of the same names (LoRA weights); `{}`
+        restores the file's. onnxruntime takes them when a session is made (SessionOptions.add_initializer), so a
+        loaded session is dropped and the next run makes one; the file's other weights are read as before."""
+        if any(_name(p) == "TensorrtExecutionProvider" for p in self.providers):
+            raise EngineError(
+                f"{self.path}: onnxruntime's TensorRT provider caches its engines by the ONNX file, so it cannot "
+                "take replaced weights (LoRA); use the cuda provider, or the native tensorrt backend (refit)")
+        arrays = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
+        same = arrays.keys() == self._initializers.keys() and all(
+            arrays[n] is self._initializers[n] or np.array_equal(arrays[n], self._initializers[n]) for n in arrays)
+        if same:
+            return
+        self._initializers = arrays
+        if self._other_shapes is not None:
+            self._other_shapes.set_initializers(arrays)
+        if self._session is not None:
+            self._session = self._runner = None
+            self._initializer_values = []
+
     def release(self) -> None:
         if self._other_shapes is not None:
             self._other_shapes.release()
         self._session = self._runner = self._other_shapes = None
+        self._initializer_values = []
         self._fixed_dims = self._session_dims = None  # the next first feed fixes the shapes again

@@ -36,6 +36,7 @@ class StableDiffusionImg2ImgPipeline(Facade):
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """image: a PIL RGB image, an HWC uint8 RGB array, or a list of them (see image.from_pil); the
         output has its size, rounded down to a multiple of the VAE's factor as diffusers does. Or latents

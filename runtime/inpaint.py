@@ -37,6 +37,7 @@ class StableDiffusionInpaintPipeline(Facade):
         generator=None, rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """image: a PIL RGB image, an HWC uint8 RGB array, or a list of them (see image.from_pil).
         mask_image: a PIL image (1, L or RGB) or a uint8 array of the picture's size, or a list of one

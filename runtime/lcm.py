@@ -39,6 +39,7 @@ class LatentConsistencyPipeline(Facade):
         seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
         negative_prompt: str | Sequence[str] | None = None, guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """guidance_scale: the weight the UNet was distilled to follow (its embedding input), not CFG: it
         costs nothing per step. num_inference_steps: at most the scheduler's original_inference_steps.
@@ -59,6 +60,7 @@ class LatentConsistencyImg2ImgPipeline(Facade):
         rng: str = "torch", output_type: str = "pil", callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False, negative_prompt: str | Sequence[str] | None = None,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """image: as StableDiffusionImg2ImgPipeline's. strength: in (0, 1]; the schedule starts that far up
         the distillation timesteps and all num_inference_steps run, so num_inference_steps can be at most

@@ -37,6 +37,7 @@ class StableDiffusionPipeline(Facade):
         seed: int | None = None, generator=None, rng: str = "torch",
         output_type: str = "pil", callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False, guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """height, width: default the model's size. guidance_interval: (lo, hi), apply classifier-free guidance
         only at the steps whose noise level sigma is in [lo, hi] (Kynkaanniemi et al. 2024); the others run

@@ -59,6 +59,7 @@ class StableDiffusionXLPipeline(Facade):
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """Sizes are (height, width) and crops (top, left) in pixels, as diffusers takes them; see
         micro_conditioning for their defaults. denoising_end: in (0, 1), stop once that share of the schedule
@@ -90,6 +91,7 @@ class StableDiffusionXLImg2ImgPipeline(Facade):
         seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """image and strength as StableDiffusionImg2ImgPipeline's (strength defaults to 0.3, as diffusers');
         image may be latents (an NCHW float array, as output_type="latent" gives), used without the VAE encoder.

@@ -49,6 +49,7 @@ class StableDiffusionXLInpaintPipeline(Facade):
         rng: str = "torch", output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
         guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
     ) -> PipelineOutput:
         """image, mask_image, height, width and padding_mask_crop as StableDiffusionInpaintPipeline's (the
         size defaults to the picture's; diffusers' to the model's: pass both to compare); the prompts and

@@ -126,6 +126,49 @@ class Facade:
     def release(self) -> None:
         self.core.models.release()
 
+    # -- LoRA (sdrt.runtime.adapters), with diffusers' method names ------------------------------------
+
+    def load_lora_weights(self, path, adapter_name: str | None = None) -> str:
+        """Read a LoRA .safetensors file (kohya/A1111, diffusers/PEFT, LoHa/LoKr) and make it active at weight
+        1.0 beside the active ones; every key is checked against this folder now. Returns the adapter name (the
+        file's stem unless given). Nothing is re-exported: the next run uses the merged weights."""
+        name = self.core.adapters.load(path, adapter_name)
+        self.core.adapters.active[name] = 1.0
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """The active adapters and their weights (a single weight applies to all); others are inactive."""
+        self.core.adapters.set_active(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.core.adapters.active)
+
+    def get_list_adapters(self) -> list[str]:
+        return list(self.core.adapters.loaded)
+
+    def delete_adapters(self, adapter_names) -> None:
+        self.core.adapters.delete(adapter_names)
+
+    def disable_lora(self) -> None:
+        """Run without the active adapters (they stay loaded; enable_lora brings them back)."""
+        self.core.adapters.disabled = True
+
+    def enable_lora(self) -> None:
+        self.core.adapters.disabled = False
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names=None) -> None:
+        """Keep the active adapters (or `adapter_names`) applied at `lora_scale` x their weights until
+        unfuse_lora, whatever set_adapters says meanwhile (diffusers' fuse_lora; weights are still computed from
+        the folder's, so nothing accumulates)."""
+        self.core.adapters.fuse(lora_scale, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        self.core.adapters.fused.clear()
+
+    def unload_lora_weights(self) -> None:
+        """Forget every adapter: the next run uses the folder's weights, bit for bit."""
+        self.core.adapters.delete(list(self.core.adapters.loaded))
+
     def _engine(self, component: str):
         return self.core.models.engine(component)
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from sdrt.runtime import image as imageio
 from sdrt.runtime import memory
+from sdrt.runtime.adapters import Adapters
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.core import codec, loop
 from sdrt.runtime.core.models import Models
@@ -111,6 +112,7 @@ class Generator:
         self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
         self.scheduler_name = scheduler
         self._schedulers: dict[str, Scheduler] = {}
+        self.adapters = Adapters(self.models)
 
     def generate(self, request: Request, tasks: Sequence) -> PipelineOutput:
         guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
@@ -127,16 +129,19 @@ class Generator:
             plan = task.plan(run, plan)
         run.plan = plan
         run.generator = request.make_generator()
+        loras = self.adapters.wanted(request.loras)  # LoRA files read and matched to the weights now
+        run.parameters.update(self.adapters.describe(loras))
 
-        # 2. Conditioning (text encoders), 3. initial latents, 4. denoise, 5. decode and finish.
-        run.conditioning = self.family.conditioning(run)
-        latents = None
-        for task in run.tasks:
-            latents = task.start(run, latents)
-        latents = loop.denoise(run, latents)
-        images = codec.decode(self.models, latents, request.output_type, self.vae_tiling, run.timings)
-        for task in run.tasks:
-            images = task.finish(run, images)
+        with self.adapters.using(loras):
+            # 2. Conditioning (text encoders), 3. initial latents, 4. denoise, 5. decode and finish.
+            run.conditioning = self.family.conditioning(run)
+            latents = None
+            for task in run.tasks:
+                latents = task.start(run, latents)
+            latents = loop.denoise(run, latents)
+            images = codec.decode(self.models, latents, request.output_type, self.vae_tiling, run.timings)
+            for task in run.tasks:
+                images = task.finish(run, images)
         return PipelineOutput(images, getattr(run.generator, "seed", None), self._parameters(run), run.timings)
 
     def _scheduler(self, name: str) -> Scheduler:

@@ -142,6 +142,7 @@ class Request:
     eta: float = 0.0
     clip_skip: int | None = None  # use the text encoder's output this many layers before the usual one
     scheduler: str | None = None  # a registry name (sdrt.runtime.schedulers) for this run; None: the Generator's
+    loras: Any = None  # {adapter name or .safetensors path: scale} for this run, on top of the pipeline's adapters
     seed: int | None = None
     generator: Any = None
     rng: str = "torch"
@@ -182,6 +183,9 @@ class Request:
             set_("clip_skip", integer("clip_skip", self.clip_skip, 1))
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {self.scheduler!r}")
+        from sdrt.runtime.adapters import check_loras
+
+        set_("loras", check_loras(self.loras))
         if self.seed is not None and (isinstance(self.seed, (bool, np.bool_))
                                       or not isinstance(self.seed, (int, np.integer))):
             raise InvalidInputError(f"seed must be an integer or None, got {self.seed!r}")

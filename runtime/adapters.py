@@ -1,0 +1,228 @@
+"""Adapters of one opened folder: the LoRAs loaded, which are active at what weights, and the weights the engines
+run with.
+
+Weights are always computed from the folder's own (read back from the ONNX file for the initializers a LoRA
+touches), never from a previous merge: switching from LoRA A to B gives exactly B, and no LoRA gives the
+folder's weights bit for bit (the engines simply drop their replaced initializers). Only the networks whose
+weights change get a new session; the merged arrays of the current set are kept for the next run with it.
+
+A run's set is the active adapters (`set_adapters`), the fused ones (`fuse_lora`) and the request's own
+`loras={name_or_path: scale}`. Concurrent runs with the same set run together; a run that needs another set
+waits until the runs using the current one are done (sdrt.runtime.core.generate holds `using`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
+from sdrt.runtime.lora import COMPONENTS, LoraFile, Resolver
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"an adapter name must be a non-empty string, got {name!r}")
+    return name
+
+
+def check_loras(value) -> tuple[tuple[str, float], ...] | None:
+    """A request's `loras`: None, or {name_or_path: scale} (a list of names or (name, scale) pairs also works)."""
+    from sdrt.runtime.core.request import real
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = [(v, 1.0) if isinstance(v, (str, os.PathLike)) else tuple(v) if isinstance(v, (list, tuple)) and
+                 len(v) == 2 else (v, None) for v in value]
+    else:
+        raise InvalidInputError(f"loras must be a dict {{name or path: scale}}, got {type(value).__name__}")
+    out = []
+    for name, scale in items:
+        if isinstance(name, os.PathLike):
+            name = os.fspath(name)
+        out.append((_check_name(name), real(f"loras[{name!r}]", scale)))
+    return tuple(out)
+
+
+class Adapters:
+    """LoRAs of one Generator; see the module docstring."""
+
+    def __init__(self, models):
+        self.models = models
+        self.loaded: dict[str, LoraFile] = {}  # adapter name -> file
+        self.active: dict[str, float] = {}  # set_adapters / load_lora_weights
+        self.fused: dict[str, float] = {}  # fuse_lora: applied under every set
+        self._by_path: dict[str, str] = {}  # resolved path -> adapter name
+        self.disabled = False  # disable_lora: the active adapters are not applied (fused and per-run ones are)
+        self._resolver: Resolver | None = None
+        self._applied: tuple = ()  # the (name, scale) set the engines run with
+        self._users = 0
+        self._condition = threading.Condition()
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def _targets(self) -> dict:
+        from sdrt.engines.weights import weight_file
+
+        folder = self.models.folder
+        if folder.precision == "int8" or folder.manifest and folder.manifest.get("quantization"):
+            raise UnsupportedConfigError(
+                f"{folder.path} is an int8 (quantized) folder; its weights are integers that a LoRA cannot change. "
+                "Apply the LoRA to the fp32 or fp16 folder it was quantized from")
+        targets = {}
+        for component in COMPONENTS:
+            if component in folder.components:
+                weights = weight_file(folder.onnx_path(component))
+                if weights.quantized:
+                    raise UnsupportedConfigError(
+                        f"{folder.onnx_path(component)} is quantized (int8); a LoRA cannot change integer weights. "
+                        "Apply the LoRA to the fp32 or fp16 folder it was quantized from")
+                targets[component] = weights.targets
+        return targets
+
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver(self._targets(), self.models.folder.unet_config)
+        return self._resolver
+
+    def load(self, path, adapter_name: str | None = None) -> str:
+        """Read a LoRA file and check that every key fits this folder; returns its adapter name."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"a LoRA must be given as a .safetensors path, got {type(path).__name__}")
+        resolved = str(Path(path).expanduser().resolve())
+        name = _check_name(adapter_name) if adapter_name is not None else Path(path).stem
+        if name in self.loaded and str(self.loaded[name].path.resolve()) != resolved:
+            raise InvalidInputError(f"an adapter named {name!r} is loaded already (from {self.loaded[name].path}); "
+                                    "give another adapter_name, or delete_adapters it first")
+        lora = LoraFile.read(Path(path).expanduser(), name)
+        lora.deltas(self.resolver)  # every module fits, shapes included: refused now, not mid-generation
+        self.loaded[name] = lora
+        self._by_path[resolved] = name
+        return name
+
+    def find(self, name_or_path: str) -> str:
+        """The adapter a request names: a loaded adapter's name, else a file path (loaded now)."""
+        if name_or_path in self.loaded:
+            return name_or_path
+        resolved = str(Path(name_or_path).expanduser().resolve())
+        if resolved in self._by_path:
+            return self._by_path[resolved]
+        if not Path(name_or_path).expanduser().is_file():
+            raise InvalidInputError(f"no adapter named {name_or_path!r} is loaded and no such file exists "
+                                    f"(loaded: {', '.join(self.loaded) or 'none'})")
+        stem, n = Path(name_or_path).stem, 1
+        name = stem
+        while name in self.loaded:
+            n += 1
+            name = f"{stem}_{n}"
+        return self.load(name_or_path, name)
+
+    def delete(self, names) -> None:
+        for name in [names] if isinstance(names, str) else list(names):
+            if name not in self.loaded:
+                raise InvalidInputError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.loaded)})")
+            lora = self.loaded.pop(name)
+            self._by_path.pop(str(lora.path.resolve()), None)
+            self.active.pop(name, None)
+            self.fused.pop(name, None)
+
+    def set_active(self, names, weights=None) -> None:
+        from sdrt.runtime.core.request import real
+
+        names = [names] if isinstance(names, str) else list(names)
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif not isinstance(weights, (list, tuple)):
+            weights = [weights] * len(names)
+        if len(weights) != len(names):
+            raise InvalidInputError(f"adapter_weights has {len(weights)} entries for {len(names)} adapters")
+        for name in names:
+            if name not in self.loaded:
+                raise InvalidInputError(f"no adapter named {name!r} is loaded (loaded: "
+                                        f"{', '.join(self.loaded) or 'none'}); load_lora_weights(path) first")
+        self.active = {name: real(f"adapter_weights[{name!r}]", w) for name, w in zip(names, weights)}
+
+    def fuse(self, lora_scale, adapter_names=None) -> None:
+        from sdrt.runtime.core.request import real
+
+        lora_scale = real("lora_scale", lora_scale)
+        names = list(self.active) if adapter_names is None else \
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.loaded:
+                raise InvalidInputError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.loaded)})")
+        if not names:
+            raise InvalidInputError("fuse_lora: no adapter is active; load_lora_weights(path) first")
+        for name in names:
+            self.fused[name] = lora_scale * self.active.get(name, 1.0)
+
+    # -- a run's set ------------------------------------------------------------------------------------------
+
+    def wanted(self, request_loras) -> tuple[tuple[str, float], ...]:
+        """The (adapter, scale) set a run uses: fused + active + the request's (files loaded and checked now)."""
+        total: dict[str, float] = dict(self.fused)
+        for name, scale in ({} if self.disabled else self.active).items():
+            if name not in self.fused:
+                total[name] = total.get(name, 0.0) + scale
+        for name_or_path, scale in request_loras or ():
+            name = self.find(name_or_path)
+            total[name] = total.get(name, 0.0) + scale
+        return tuple(sorted((n, s) for n, s in total.items() if s != 0.0))
+
+    def describe(self, wanted) -> dict:
+        """PNG metadata fields for a set (A1111's `Lora hashes: "name: hash, ..."`)."""
+        if not wanted:
+            return {}
+        return {"lora_hashes": ", ".join(f"{name}: {self.loaded[name].short_hash}" for name, _ in wanted),
+                "loras": ", ".join(f"{name}:{scale:g}" for name, scale in wanted)}
+
+    @contextmanager
+    def using(self, wanted):
+        """Run with the engines' weights set to `wanted`; waits for runs with another set to finish first."""
+        with self._condition:
+            while self._users and self._applied != wanted:
+                self._condition.wait()
+            if self._applied != wanted:
+                self._apply(wanted)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._users -= 1
+                self._condition.notify_all()
+
+    def _apply(self, wanted) -> None:
+        from sdrt.engines.weights import weight_file
+
+        folder = self.models.folder
+        changes: dict[str, dict[str, np.ndarray]] = {}
+        for name, scale in wanted:
+            for component, deltas in self.loaded[name].deltas(self.resolver).items():
+                bucket = changes.setdefault(component, {})
+                for initializer, delta in deltas.items():
+                    delta = delta * np.float32(scale)
+                    bucket[initializer] = bucket[initializer] + delta if initializer in bucket else delta
+        for component in COMPONENTS:
+            engine = getattr(self.models, component, None)
+            if engine is None:
+                continue
+            if component not in changes:
+                if getattr(engine, "initializers", None):
+                    engine.set_initializers({})
+                continue
+            base = weight_file(folder.onnx_path(component)).read(changes[component])
+            merged = {}
+            for initializer, delta in changes[component].items():
+                weight = base[initializer]
+                merged[initializer] = (weight.astype(np.float32) + delta).astype(weight.dtype)
+            engine.set_initializers(merged)
+        self._applied = wanted
