@@ -106,7 +106,7 @@ class BuildKey:
     compute_capability: str
     tensorrt_version: str
     profile: tuple  # canonical_profile(): ((input, min, opt, max), ...) as nested tuples
-    precision: str  # "fp16" | "fp32"
+    precision: str  # "fp16" | "fp32", + "+refit" for a refittable plan (TrtOptions.refit)
     backend: str = "tensorrt"  # "tensorrt" (native) or "tensorrt-ep <onnxruntime version>"
     key_version: int = KEY_VERSION
 
@@ -163,7 +163,8 @@ _WHAT_TO_DO = {
     "compute_capability": "plans are specific to the GPU architecture; build on this GPU",
     "tensorrt_version": "plans only load in the TensorRT version that built them; rebuild with this version",
     "profile": "the plan does not cover these shapes; build a plan with a profile that does",
-    "precision": "the plan was built at another precision; rebuild at the one asked for",
+    "precision": "the plan was built at another precision, or with/without refit ('+refit'); rebuild with the "
+                 "ones asked for (TrtOptions precision and refit)",
 }
 
 

@@ -5,12 +5,15 @@
   build on the same GPU and TensorRT version.
 - Cache: plans are stored under a `BuildKey` of (sha256 of the ONNX, GPU name and compute
   capability, TensorRT version, profile, precision) with a JSON record beside each (engines/cache.py).
+  A refittable plan (`TrtOptions(refit=True)`) is keyed with precision "<precision>+refit".
   A feed outside every loaded plan's profile picks another cached plan or builds one; a plan file
   built for another GPU, TensorRT version, ONNX file or precision is refused with the fields named.
 - Run: device buffers, a stream and optional CUDA graph replay through cuda-python (not torch).
   `run` copies inputs in, runs, and returns new host arrays the caller owns. `device_resident` values
   (sdrt.engines.resident) are copied in only when their buffer holds something else, so a
   generation's text conditioning crosses to the device once, not every step.
+- Refit (LoRA): `set_initializers` replaces weights in the loaded engines in place with TensorRT's
+  `Refitter`, by ONNX initializer name, instead of rebuilding; only plans built with `refit=True` allow it.
 
 tensorrt and cuda-python are imported lazily (extra `sdrt[tensorrt]`). Written against TensorRT 10's
 documented Python API (named I/O tensors, `execute_async_v3`); it has not run on a GPU yet.
@@ -64,6 +67,7 @@ class TrtOptions:
     workspace_mib: int | None = None  # builder workspace limit; None: TensorRT's default (device memory)
     optimization_level: int = 3  # TensorRT builder_optimization_level, 0-5
     device: int = 0
+    refit: bool = False  # build refittable plans, so that set_initializers (LoRA) can replace weights in place
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -89,9 +93,12 @@ def profile_for(spec: NetworkSpec | None, options: TrtOptions, shapes: Mapping[s
 
 
 def make_key(network: str, sha256: str, gpu: GpuInfo, tensorrt_version: str, profile: Profile,
-             precision: str) -> BuildKey:
+             precision: str, refit: bool = False) -> BuildKey:
+    """The plan's key. A refittable plan is another plan (the REFIT flag limits some optimizations), so it is
+    keyed apart as precision "<precision>+refit"; keys of plans without refit are unchanged."""
     return BuildKey(network=network, onnx_sha256=sha256, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
-                    tensorrt_version=tensorrt_version, profile=canonical_profile(profile), precision=precision)
+                    tensorrt_version=tensorrt_version, profile=canonical_profile(profile),
+                    precision=f"{precision}+refit" if refit else precision)
 
 
 def key_profile(key: BuildKey) -> Profile:
@@ -120,8 +127,9 @@ def check_plan_file(plan: str | os.PathLike, wanted: BuildKey) -> BuildKey:
 
 def build_plan(trt, onnx_path: str | os.PathLike, profile: Profile, precision: str,
                timing_cache: str | os.PathLike | None = None, workspace_mib: int | None = None,
-               optimization_level: int = 3) -> bytes:
-    """Parse the ONNX file, build a serialized plan with one optimization profile; update the timing cache."""
+               optimization_level: int = 3, refit: bool = False) -> bytes:
+    """Parse the ONNX file, build a serialized plan with one optimization profile; update the timing cache.
+    refit: a plan whose weights `refit_plan` can replace (LoRA) without a rebuild."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -141,6 +149,8 @@ def build_plan(trt, onnx_path: str | os.PathLike, profile: Profile, precision: s
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     config.builder_optimization_level = optimization_level
     if workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
@@ -159,11 +169,52 @@ def build_plan(trt, onnx_path: str | os.PathLike, profile: Profile, precision: s
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build a plan for {onnx_path} (profile {canonical_profile(profile)}, "
-                          f"{precision}); see TensorRT's log above. Try precision='fp32' or a smaller profile")
+                          f"{precision}{'+refit' if refit else ''}); see TensorRT's log above. Try precision='fp32' "
+                          "or a smaller profile")
     if timing_path is not None:
         timing_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(timing_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
+
+
+def refit_plan(trt, engine, logger, arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Replace these weights of a deserialized refittable engine in place (names: ONNX initializers).
+
+    TensorRT's ONNX parser names a network's refittable weights after the initializers they come from, so LoRA's
+    initializer names serve as they are. Each array is cast to the dtype the plan was built from (the weights
+    prototype, TensorRT >= 10; older versions take the array as given) and kept alive until `refit_cuda_engine`
+    has copied it: `trt.Weights` only points at the array's memory."""
+    if not arrays:
+        return
+    try:
+        refitter = trt.Refitter(engine, logger)
+    except Exception as e:  # TensorRT raises untyped errors (e.g. for an engine built without REFIT)
+        raise EngineError(f"TensorRT cannot refit {where}: {e}; build its plan with TrtOptions(refit=True)") from e
+    kept = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        prototype = refitter.get_weights_prototype(name) if hasattr(refitter, "get_weights_prototype") else None
+        if prototype is not None:
+            if prototype.size < 0:
+                raise EngineError(f"{where} has no refittable weights named {name!r} (TensorRT folded them into "
+                                  "others, or they are no initializer of this ONNX file); do not replace them")
+            if prototype.size != array.size:
+                raise EngineError(f"{where}: weights {name!r} hold {prototype.size} values, the replacement "
+                                  f"{array.size} (shape {array.shape}); give an array of the initializer's shape")
+            try:
+                array = np.ascontiguousarray(array, dtype=trt.nptype(prototype.dtype))
+            except TypeError:  # no NumPy type for it (bfloat16): TensorRT checks the array as given
+                pass
+        kept.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise EngineError(f"TensorRT refused weights {name!r} ({array.dtype}, shape {array.shape}) for {where}; "
+                              "see TensorRT's log above (unknown name, or another size or type)")
+    if not refitter.refit_cuda_engine():
+        missing = list(refitter.get_missing_weights())
+        raise EngineError(f"TensorRT could not refit {where}: it also needs weights {missing[:10]}"
+                          f"{' ...' if len(missing) > 10 else ''} (combined with the ones replaced); replace "
+                          "those too, or leave these weights alone")
+    del kept  # only now may the arrays go
 
 
 class _LoadedPlan:
@@ -171,6 +222,7 @@ class _LoadedPlan:
 
     def __init__(self, trt, cudart, runtime, plan: bytes, key: BuildKey, where: str):
         self.key = key
+        self.where = where
         self.profile = key_profile(key)
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
@@ -249,6 +301,8 @@ class TrtEngine(Engine):
         self._gpu: GpuInfo | None = None
         self._plans: list[_LoadedPlan] = []
         self._sha256: str | None = None
+        self._logger = None  # one TensorRT logger for the runtime and every refitter
+        self._initializers: dict[str, np.ndarray] = {}  # weights replacing the file's (set_initializers)
 
     @property
     def loaded(self) -> bool:
@@ -267,29 +321,45 @@ class TrtEngine(Engine):
         if gpu is None:
             raise EngineError(f"could not read the properties of CUDA device {self.options.device}")
         self._trt, self._cudart, self._gpu = trt, cudart, gpu
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         self._sha256 = onnx_sha256(self.path, self.cache.root)
-        if self.plan_file is not None:
-            wanted = make_key(self.network, self._sha256, gpu, trt.__version__, {}, self.options.precision)
-            key = check_plan_file(self.plan_file, wanted)
-            self._plans.append(_LoadedPlan(trt, cudart, self._runtime, self.plan_file.read_bytes(), key,
-                                           str(self.plan_file)))
-        elif self.spec is not None and self.options.profile is not None:
-            self._plan(self.options.profile.profile(self.spec))  # build or load the configured plan up front
+        try:
+            if self.plan_file is not None:
+                wanted = make_key(self.network, self._sha256, gpu, trt.__version__, {}, self.options.precision,
+                                  self.options.refit)
+                key = check_plan_file(self.plan_file, wanted)
+                self._adopt(_LoadedPlan(trt, cudart, self._runtime, self.plan_file.read_bytes(), key,
+                                        str(self.plan_file)))
+            elif self.spec is not None and self.options.profile is not None:
+                self._plan(self.options.profile.profile(self.spec))  # build or load the configured plan up front
+        except BaseException:
+            self.release()  # not half loaded: the next call loads again (a given plan file is needed by then)
+            raise
 
     def _plan(self, profile: Profile) -> _LoadedPlan:
-        key = make_key(self.network, self._sha256, self._gpu, self._trt.__version__, profile, self.options.precision)
+        key = make_key(self.network, self._sha256, self._gpu, self._trt.__version__, profile, self.options.precision,
+                       self.options.refit)
         builder = None
         if self.options.build:
             def builder():
                 log.warning("building a TensorRT plan for %s (%s, profile %s); this takes minutes once, "
-                            "then it is cached in %s", self.network, self.options.precision,
+                            "then it is cached in %s", self.network, key.precision,
                             canonical_profile(profile), self.cache.folder)
                 return build_plan(self._trt, self.path, profile, self.options.precision,
                                   self.cache.timing_cache_path(self._gpu.name, self._trt.__version__),
-                                  self.options.workspace_mib, self.options.optimization_level)
+                                  self.options.workspace_mib, self.options.optimization_level, self.options.refit)
         plan = get_plan(key, self.cache, builder)
-        loaded = _LoadedPlan(self._trt, self._cudart, self._runtime, plan, key, str(self.cache.plan_path(key)))
+        return self._adopt(_LoadedPlan(self._trt, self._cudart, self._runtime, plan, key,
+                                       str(self.cache.plan_path(key))))
+
+    def _adopt(self, loaded: _LoadedPlan) -> _LoadedPlan:
+        """Keep a newly loaded plan, refit first with the weights set now: a plan holds the file's weights."""
+        try:
+            refit_plan(self._trt, loaded.engine, self._logger, self._initializers, loaded.where)
+        except BaseException:
+            loaded.release()
+            raise
         self._plans.append(loaded)
         return loaded
 
@@ -332,6 +402,38 @@ class TrtEngine(Engine):
             raise EngineError(f"{self.path}: feed lacks inputs {missing}")
         shapes = {n: tuple(np.shape(feed[n])) for n in names}
         return self._plan_for(shapes).run(feed, self.options.cuda_graph)
+
+    @property
+    def initializers(self) -> dict[str, np.ndarray]:
+        return dict(self._initializers)
+
+    def set_initializers(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Run with these arrays in place of the file's initializers of the same names (LoRA weights); `{}`
+        restores the file's. Loaded plans are refit in place (names set before but not now get the file's
+        values back) and their CUDA graphs dropped; plans loaded later are refit when loaded."""
+        arrays = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
+        if arrays and not self.options.refit:
+            raise EngineError(f"{self.path}: the TensorRT plans of {self.network} are built without refit, so their "
+                              "weights cannot be replaced (LoRA); use TrtOptions(refit=True), which builds and caches "
+                              "refittable plans")
+        previous = self._initializers
+        changed = {n: a for n, a in arrays.items()
+                   if n not in previous or not (a is previous[n] or np.array_equal(a, previous[n]))}
+        restored = sorted(set(previous) - set(arrays))
+        if self._plans and (changed or restored):
+            if restored:
+                from sdrt.engines.weights import weight_file
+
+                changed.update(weight_file(self.path).read(restored))
+            try:
+                for plan in self._plans:
+                    refit_plan(self._trt, plan.engine, self._logger, changed, plan.where)
+                    plan.stream.drop_graph()  # the captured graph ran the old weights' kernels and arguments
+            except EngineError as e:
+                self.release()  # a failed refit may leave a plan half replaced: they load again at the next run
+                raise EngineError(f"{e}. The engine's plans were released and load again at the next run, with "
+                                  "the weights set before") from e
+        self._initializers = arrays
 
     def release(self) -> None:
         for plan in self._plans:
