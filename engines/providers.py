@@ -26,7 +26,7 @@ NATIVE = ("tensorrt", "trt")
 FALLBACKS = {"tensorrt": ("cuda", "cpu"), "tensorrt-ep": ("cuda", "cpu"), "cuda": ("cpu",)}
 ENGINE_OPTIONS = ("io_binding", "fixed_shapes", "cuda_graph")
 IO_BINDING_BY_DEFAULT = ("cuda", "tensorrt-ep")  # onnxruntime on a GPU: tensors stay on the device between calls
-TENSORRT_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib", "build", "optimization_level")
+TENSORRT_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib", "build", "optimization_level", "refit")
 TENSORRT_EP_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib")
 
 

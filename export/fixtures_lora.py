@@ -46,6 +46,12 @@ def random_lora(model, names, rank: int = 4, alpha: float | None = 2.0, seed: in
     return lora
 
 
+def rounded(lora, dtype):
+    """The LoRA with its factors rounded through `dtype` (what a file saved in that dtype holds)."""
+    return {name: {**entry, "down": torch.from_numpy(entry["down"]).to(dtype).float().numpy(),
+                   "up": torch.from_numpy(entry["up"]).to(dtype).float().numpy()} for name, entry in lora.items()}
+
+
 def delta(entry, shape) -> np.ndarray:
     down, up = entry["down"].astype(np.float64), entry["up"].astype(np.float64)
     r = down.shape[0]

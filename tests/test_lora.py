@@ -1,0 +1,194 @@
+"""LoRA without re-export: images against diffusers with the LoRA merged into its torch modules (W + scale *
+alpha/r * up @ down, what fuse_lora computes), and against diffusers' own load_lora_weights + fuse_lora where
+peft can load the file; switching and unloading; files that do not fit."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+from sdrt.export import fixtures_lora as fl  # noqa: E402
+from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError  # noqa: E402
+from sdrt.runtime.lora import LoraFileError  # noqa: E402
+from sdrt.runtime.pipeline import StableDiffusionPipeline  # noqa: E402
+
+KW = dict(prompt="a red cube on a blue table", num_inference_steps=3, guidance_scale=7.5, output_type="np")
+SEED = 7
+TOLERANCE = 2e-3  # float outputs in [0, 1]; what remains is float32 rounding (observed ~1e-6)
+
+
+@pytest.fixture(scope="module")
+def sd1_reference(checkpoints):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoints["sd1"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def loras(sd1_reference, tmp_path_factory):
+    """Random LoRAs for the tiny SD1 model: A (UNet linear + text encoder, kohya), B (UNet with 3x3 convs,
+    diffusers/PEFT naming), as factors and as files."""
+    root = tmp_path_factory.mktemp("loras")
+    unet, text = sd1_reference.unet, sd1_reference.text_encoder
+    a_unet = fl.random_lora(unet, fl.module_names(unet, fl.UNET_LINEAR), rank=4, alpha=2.0, seed=1)
+    a_text = fl.random_lora(text, fl.module_names(text, fl.TEXT_LINEAR), rank=4, alpha=8.0, seed=2)
+    b_unet = fl.rounded(fl.random_lora(unet, fl.module_names(unet, ("to_q", "to_v"), convs=True), rank=2,
+                                       alpha=None, seed=3), torch.float16)
+    files = {
+        "a": fl.save(root / "style_a.safetensors", {**fl.kohya_state_dict(a_unet),
+                                                    **fl.kohya_state_dict(a_text, "lora_te_", text_model=True)}),
+        "b": fl.save(root / "style_b.safetensors", fl.peft_state_dict(b_unet), dtype=torch.float16),
+    }
+    return {"a": (a_unet, a_text), "b": (b_unet, {})}, files
+
+
+def expected(reference, merges) -> np.ndarray:
+    """diffusers' image with each (unet LoRA, text LoRA, scale) merged into a copy of its modules."""
+    pipe = copy.deepcopy(reference)
+    for unet_lora, text_lora, scale in merges:
+        fl.merge(pipe.unet, unet_lora, scale)
+        fl.merge(pipe.text_encoder, text_lora, scale)
+    return pipe(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
+
+
+@pytest.fixture(scope="module")
+def pipe(exported):
+    return StableDiffusionPipeline.from_pretrained(exported["sd1"])
+
+
+def test_kohya_lora_with_text_encoder_matches_merged_diffusers(pipe, sd1_reference, loras):
+    factors, files = loras
+    want = expected(sd1_reference, [(*factors["a"], 0.7)])
+    out = pipe(seed=SEED, loras={str(files["a"]): 0.7}, **KW)
+    assert np.abs(out.images - want).max() < TOLERANCE
+    base = expected(sd1_reference, [])
+    assert np.abs(out.images - base).max() > 20 * TOLERANCE  # the LoRA changed the image
+    assert 'Lora hashes: "style_a: ' in out.parameters[0]
+
+
+def test_two_loras_with_their_scales_and_conv_lora(pipe, sd1_reference, loras):
+    factors, files = loras
+    want = expected(sd1_reference, [(*factors["a"], 0.5), (*factors["b"], 1.3)])
+    pipe.load_lora_weights(files["a"], adapter_name="a")
+    pipe.load_lora_weights(files["b"], adapter_name="b")
+    try:
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 1.3])
+        assert np.abs(pipe(seed=SEED, **KW).images - want).max() < TOLERANCE
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_switching_never_stacks_and_no_lora_is_the_base_bit_for_bit(pipe, exported, loras):
+    _, files = loras
+    base = pipe(seed=SEED, **KW).images
+    pipe(seed=SEED, loras={str(files["a"]): 1.0}, **KW)
+    then_b = pipe(seed=SEED, loras={str(files["b"]): 0.8}, **KW).images
+    fresh_b = StableDiffusionPipeline.from_pretrained(exported["sd1"])(seed=SEED, loras={str(files["b"]): 0.8},
+                                                                       **KW).images
+    assert np.array_equal(then_b, fresh_b)
+    assert np.array_equal(pipe(seed=SEED, **KW).images, base)
+
+
+def test_fuse_and_unfuse(pipe, sd1_reference, loras):
+    factors, files = loras
+    pipe.load_lora_weights(files["a"], adapter_name="a")
+    try:
+        pipe.fuse_lora(lora_scale=0.4)
+        pipe.set_adapters(["a"], [3.0])  # fused adapters keep their fused scale
+        want = expected(sd1_reference, [(*factors["a"], 0.4)])
+        assert np.abs(pipe(seed=SEED, **KW).images - want).max() < TOLERANCE
+        pipe.unfuse_lora()
+        pipe.disable_lora()
+        assert np.abs(pipe(seed=SEED, **KW).images - expected(sd1_reference, [])).max() < TOLERANCE
+    finally:
+        pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == []
+
+
+def test_diffusers_load_lora_weights_agrees(sd1_reference, pipe, loras, tmp_path):
+    """diffusers' own loader (peft) on the UNet part of the kohya file gives the same image as the hand merge."""
+    pytest.importorskip("peft")
+    factors, _ = loras
+    path = fl.save(tmp_path / "unet_only.safetensors", fl.kohya_state_dict(factors["a"][0]))
+    reference = copy.deepcopy(sd1_reference)
+    try:
+        reference.load_lora_weights(str(path))
+        reference.fuse_lora(lora_scale=0.6)
+    except (ImportError, ValueError) as e:  # a peft / transformers pairing diffusers refuses
+        pytest.skip(f"diffusers cannot load LoRAs here: {e}")
+    theirs = reference(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
+    ours = pipe(seed=SEED, loras={str(path): 0.6}, **KW).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+# -- files that do not fit ---------------------------------------------------------------------------------------
+
+
+def test_lora_for_another_base_names_the_key_and_shapes(pipe, checkpoints, tmp_path):
+    other = diffusers.UNet2DConditionModel.from_pretrained(checkpoints["sd2"], subfolder="unet")
+    path = fl.save(tmp_path / "sd2.safetensors", fl.kohya_state_dict(
+        fl.random_lora(other, fl.module_names(other, ("attn2.to_k",)), rank=2)))
+    with pytest.raises(LoraFileError, match=r"attn2_to_k.*shape .*\(16, 32\)|another base"):
+        pipe.load_lora_weights(path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x80\x04\x95 pickle", "pickle"),
+    (b"PK\x03\x04 zip", "pickle"),
+    (b"hello world, not a model", "not a .safetensors"),
+])
+def test_non_safetensors_files_are_refused(pipe, tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(LoraFileError, match=message):
+        pipe(seed=SEED, loras={str(path): 1.0}, **KW)
+
+
+def test_truncated_and_foreign_files(pipe, loras, tmp_path):
+    _, files = loras
+    data = files["a"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(LoraFileError, match="truncated|corrupted"):
+        pipe.load_lora_weights(tmp_path / "cut.safetensors")
+    fl.save(tmp_path / "other.safetensors", {"model.layers.0.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(LoraFileError, match="not LoRA weights"):
+        pipe.load_lora_weights(tmp_path / "other.safetensors")
+    fl.save(tmp_path / "unknown.safetensors", {"lora_unet_nowhere_to_q.lora_down.weight": np.zeros((2, 16), np.float32),
+                                               "lora_unet_nowhere_to_q.lora_up.weight": np.zeros((16, 2), np.float32)})
+    with pytest.raises(LoraFileError, match="match no weight.*lora_unet_nowhere_to_q"):
+        pipe.load_lora_weights(tmp_path / "unknown.safetensors")
+    fl.save(tmp_path / "dora.safetensors", {**fl.kohya_state_dict({}),
+                                            "lora_unet_x.dora_scale": np.ones((1, 4), np.float32)})
+    with pytest.raises(UnsupportedConfigError, match="DoRA"):
+        pipe.load_lora_weights(tmp_path / "dora.safetensors")
+    assert not {"cut", "other", "unknown", "dora"} & set(pipe.get_list_adapters())  # nothing half-loaded
+
+
+@pytest.mark.parametrize("loras_arg,message", [
+    ({"a": float("nan")}, "finite"),
+    ({"a": "1"}, "number"),
+    ("style.safetensors", "dict"),
+    ({"no_such_adapter": 1.0}, "no adapter named"),
+])
+def test_bad_loras_arguments(pipe, loras_arg, message):
+    with pytest.raises(InvalidInputError, match=message):
+        pipe(seed=SEED, loras=loras_arg, **KW)
+
+
+def test_set_adapters_checks_names_and_weights(pipe, loras):
+    _, files = loras
+    with pytest.raises(InvalidInputError, match="no adapter named 'x'"):
+        pipe.set_adapters(["x"])
+    pipe.load_lora_weights(files["a"], adapter_name="a")
+    try:
+        with pytest.raises(InvalidInputError, match="2 entries for 1"):
+            pipe.set_adapters(["a"], [0.5, 0.5])
+        with pytest.raises(InvalidInputError, match="loaded already"):
+            pipe.load_lora_weights(files["b"], adapter_name="a")
+    finally:
+        pipe.unload_lora_weights()
