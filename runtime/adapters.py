@@ -90,7 +90,13 @@ class Adapters:
     @property
     def resolver(self) -> Resolver:
         if self._resolver is None:
-            self._resolver = Resolver(self._targets(), self.models.folder.unet_config)
+            folder = self.models.folder
+            hint = ""
+            if ((folder.manifest or {}).get("optimize") or {}).get("profile") == "gpu":
+                hint = ("this folder was optimized with the gpu profile, which packs the attention projections and "
+                        "rewrites convolutions (NhwcConv), so those weights have no module of their own: apply the "
+                        "LoRA to the plain export or a `sdrt optimize --optimize cpu` folder")
+            self._resolver = Resolver(self._targets(), folder.unet_config, hint)
         return self._resolver
 
     def load(self, path, adapter_name: str | None = None) -> str:
@@ -116,8 +122,8 @@ class Adapters:
         if resolved in self._by_path:
             return self._by_path[resolved]
         if not Path(name_or_path).expanduser().is_file():
-            raise InvalidInputError(f"no adapter named {name_or_path!r} is loaded and no such file exists "
-                                    f"(loaded: {', '.join(self.loaded) or 'none'})")
+            raise InvalidInputError(f"no adapter named {name_or_path!r}: it is neither a loaded adapter (loaded: "
+                                    f"{', '.join(self.loaded) or 'none'}) nor an existing LoRA file")
         stem, n = Path(name_or_path).stem, 1
         name = stem
         while name in self.loaded:

@@ -33,7 +33,8 @@ def _interval(text: str) -> tuple[float, float]:
 # The Python API's argument names -> the options that set them, for messages (InvalidInputError names the former).
 OPTIONS = {"clip_skip": "--clip-skip", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
            "num_images_per_prompt": "--num-images", "negative_prompt_2": "--negative-2", "negative_prompt": "--negative",
-           "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac"}
+           "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac",
+           "loras": "--lora"}
 
 
 def _in_cli_terms(message: str) -> str:
@@ -123,14 +124,45 @@ def _second_prompts(args, pipe) -> dict:
     return {"prompt_2": args.prompt_2, "negative_prompt_2": args.negative_2}
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (the scale after the last colon, when it is a number; default 1.0)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _loras(args) -> tuple[str, dict]:
+    """The prompt without its `<lora:NAME:WEIGHT>` tags, and {file: scale} from --lora and the tags (names found
+    in --lora-dir)."""
+    from sdrt.runtime.errors import InvalidInputError
+    from sdrt.runtime.lora import extract_tags, find_in_dir
+
+    prompt, tags = extract_tags(args.prompt)
+    if tags and args.lora_dir is None:
+        raise InvalidInputError(f"the prompt names LoRAs ({', '.join(f'<lora:{n}>' for n, _ in tags)}); give "
+                                "--lora-dir DIR, the folder that holds NAME.safetensors")
+    loras: dict[str, float] = {}
+    for path, scale in [*(args.lora or []), *((str(find_in_dir(args.lora_dir, n)), w) for n, w in tags)]:
+        loras[path] = loras.get(path, 0.0) + scale
+    return prompt, loras
+
+
 def cmd_generate(args) -> int:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.errors import InvalidInputError
 
+    written_prompt = args.prompt
+    args.prompt, loras = _loras(args)
     common = dict(
         negative_prompt=args.negative, num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng,
         output_type="pil", progress=not args.quiet,
     )
+    if loras:
+        common["loras"] = loras
     # Defaults: the pipeline's, as diffusers (steps 50, LCM 4; guidance SD 7.5, SDXL 5.0, LCM 8.5).
     for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
                         ("guidance_interval", args.guidance_interval), ("clip_skip", args.clip_skip)):
@@ -177,6 +209,8 @@ def cmd_generate(args) -> int:
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
     ]
     for image, params, path in zip(result.images, result.parameters, paths):
+        if written_prompt != args.prompt and params.startswith(args.prompt):  # A1111 keeps the tags in the prompt
+            params = written_prompt + params[len(args.prompt):]
         imageio.save_png(image, path, parameters=params)
         print(path)
     t = result.timings
@@ -204,8 +238,9 @@ def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, re
     latents = base(args.prompt, *inputs, **options, **{**common, "output_type": "latent"}, denoising_end=fraction,
                    **_second_prompts(args, base))
     # The refiner's one encoder reads PROMPT (diffusers pairs the prompts with the encoders a folder has).
+    # LoRAs change the base's networks; the refiner's differ (a base LoRA would not fit them).
     refined = refiner(args.prompt, latents.images, *mask_arg, denoising_start=fraction,
-                      **{**common, "seed": latents.seed, "num_images_per_prompt": 1})
+                      **{**common, "seed": latents.seed, "num_images_per_prompt": 1, "loras": None})
     for key in ("text_encoder", "unet", "steps", "unet_evaluations"):
         refined.timings[key] += latents.timings[key]
     return refined
@@ -221,6 +256,8 @@ def _engine_flags(args) -> dict:
     flags = {"cuda_graph": args.cuda_graph}
     if args.no_io_binding:
         flags["io_binding"] = False
+    if (args.lora or args.lora_dir) and args.provider.lower() in ("tensorrt", "trt"):
+        flags["refit"] = True  # LoRA weights reach native TensorRT plans by refitting them
     return flags
 
 
@@ -345,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "in chunks of 75 tokens; none: literal text cut at 77 tokens, as diffusers")
     g.add_argument("--clip-skip", type=int, default=None,
                    help="SDXL: take the prompt's embeddings this many text-encoder layers earlier (diffusers' clip_skip)")
+    g.add_argument("--lora", type=_lora, action="append", default=None, metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors file (kohya/A1111, diffusers/PEFT, LoHa/LoKr) at SCALE (default 1); "
+                        "repeatable")
+    g.add_argument("--lora-dir", default=None,
+                   help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (the tags are removed "
+                        "from the prompt)")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")

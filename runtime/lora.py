@@ -305,8 +305,9 @@ class Resolver:
     """Finds the folder module a file's module name means, per component: the names as they are (diffusers),
     with dots as underscores (kohya), with CLIP's `text_model.` (either way), and the UNet's LDM names."""
 
-    def __init__(self, targets: dict[str, dict], unet_config: dict | None = None):
+    def __init__(self, targets: dict[str, dict], unet_config: dict | None = None, hint: str = ""):
         self.targets = targets  # component -> {module: Target}
+        self.hint = hint  # said when a module matches nothing (why this folder may lack it)
         self._names: dict[str, dict[str, str]] = {}
         for component, modules in targets.items():
             names = {}
@@ -383,7 +384,7 @@ class LoraFile:
         if unmapped:
             raise LoraFileError(
                 f"{self.path}: {len(unmapped)} of its {len(self.modules)} modules match no weight of this model "
-                f"(first: {', '.join(unmapped[:5])}); is it a LoRA for another model family?")
+                f"(first: {', '.join(unmapped[:5])}); {resolver.hint or 'is it a LoRA for another model family?'}")
         return out
 
 

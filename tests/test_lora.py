@@ -192,3 +192,43 @@ def test_set_adapters_checks_names_and_weights(pipe, loras):
             pipe.load_lora_weights(files["b"], adapter_name="a")
     finally:
         pipe.unload_lora_weights()
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_cli_lora_file_and_prompt_tag_match_diffusers(exported, sd1_reference, loras, tmp_path):
+    from PIL import Image
+
+    from sdrt.runtime.cli import main
+
+    factors, files = loras
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "style b.safetensors").write_bytes(files["b"].read_bytes())
+    out = tmp_path / "out.png"
+    prompt = KW["prompt"] + " <lora:style b:1.3>"
+    assert main(["generate", str(exported["sd1"]), prompt, "--lora", f"{files['a']}:0.5", "--lora-dir", str(folder),
+                 "--steps", str(KW["num_inference_steps"]), "--seed", str(SEED), "-o", str(out), "-q"]) == 0
+    want = expected(sd1_reference, [(*factors["a"], 0.5), (*factors["b"], 1.3)])
+    with Image.open(out) as image:
+        got, text = np.asarray(image).astype(np.float64), image.text["parameters"]
+    assert np.abs(got - np.round(want[0] * 255)).max() <= 2
+    assert text.startswith(prompt + "\n")  # the prompt as written, tag included (A1111)
+    assert 'Lora hashes: "style b: ' in text and "style_a: " in text
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["a cat <lora:missing:1>"], "--lora-dir"),
+    (["a cat <lora:missing:1>", "--lora-dir", "."], "no LoRA named 'missing'"),
+    (["a cat <lora:x:heavy>", "--lora-dir", "."], "must be a number"),
+    (["a cat", "--lora", "/no/such/file.safetensors:0.5"], "nor an existing LoRA file"),
+])
+def test_cli_lora_errors_are_one_line(exported, tmp_path, capsys, arguments, message):
+    from sdrt.runtime.cli import main
+
+    out = tmp_path / "never.png"
+    assert main(["generate", str(exported["sd1"]), *arguments, "--steps", "2", "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
