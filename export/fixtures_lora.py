@@ -73,12 +73,17 @@ def merge(model, lora, scale: float = 1.0) -> None:
         weight.copy_((weight.double() + torch.from_numpy(change)).to(weight.dtype))
 
 
+def _text_model(name: str) -> str:
+    """CLIP's module path under `text_model.` (transformers 5's CLIPTextModel lists its modules without it)."""
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
 def kohya_state_dict(lora, prefix: str = "lora_unet_", text_model: bool = False) -> dict[str, np.ndarray]:
     """kohya/A1111 keys: lora_unet_down_blocks_0_..._to_q.lora_down.weight, .lora_up.weight, .alpha
     (text encoders: lora_te_text_model_encoder_layers_0_self_attn_q_proj...)."""
     out = {}
     for name, entry in lora.items():
-        stem = prefix + (("text_model." + name) if text_model else name).replace(".", "_")
+        stem = prefix + (_text_model(name) if text_model else name).replace(".", "_")
         out[f"{stem}.lora_down.weight"] = entry["down"]
         out[f"{stem}.lora_up.weight"] = entry["up"]
         if entry["alpha"] is not None:
@@ -90,7 +95,7 @@ def peft_state_dict(lora, prefix: str = "unet.", text_model: bool = False) -> di
     """diffusers/PEFT keys: unet.<module>.lora_A.weight / lora_B.weight (text_encoder.text_model.<module>...)."""
     out = {}
     for name, entry in lora.items():
-        stem = prefix + ("text_model." if text_model else "") + name
+        stem = prefix + (_text_model(name) if text_model else name)
         out[f"{stem}.lora_A.weight"] = entry["down"]
         out[f"{stem}.lora_B.weight"] = entry["up"]
         if entry["alpha"] is not None:

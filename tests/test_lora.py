@@ -232,3 +232,57 @@ def test_cli_lora_errors_are_one_line(exported, tmp_path, capsys, arguments, mes
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# -- SDXL: two text encoders (lora_te1_ / lora_te2_) and kohya's SGM names for the UNet ----------------------------
+
+
+@pytest.fixture(scope="module")
+def xl_reference(tiny):
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny.checkpoint("xl-base"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sgm_state_dict(lora, unet_config) -> dict:
+    """kohya's SDXL naming: the original (SGM/LDM) UNet module names, lora_unet_input_blocks_4_1_..."""
+    from sdrt.runtime.lora import _ldm_unet_name, _unet_layout
+
+    renamed = {_ldm_unet_name(name, *_unet_layout(unet_config)): entry for name, entry in lora.items()}
+    assert None not in renamed
+    return fl.kohya_state_dict(renamed)
+
+
+def test_sdxl_kohya_lora_with_both_text_encoders(tiny, xl_reference, tmp_path):
+    from sdrt.runtime.sdxl import StableDiffusionXLPipeline
+
+    ref = copy.deepcopy(xl_reference)
+    unet_lora = fl.random_lora(ref.unet, fl.module_names(ref.unet, fl.UNET_LINEAR, convs=True), rank=4, seed=4)
+    te1 = fl.random_lora(ref.text_encoder, fl.module_names(ref.text_encoder, fl.TEXT_LINEAR), rank=4, seed=5)
+    te2 = fl.random_lora(ref.text_encoder_2, fl.module_names(ref.text_encoder_2, fl.TEXT_LINEAR), rank=4, seed=6)
+    path = fl.save(tmp_path / "xl.safetensors", {
+        **sgm_state_dict(unet_lora, dict(ref.unet.config)), **fl.kohya_state_dict(te1, "lora_te1_", text_model=True),
+        **fl.kohya_state_dict(te2, "lora_te2_", text_model=True)})
+    for model, lora in ((ref.unet, unet_lora), (ref.text_encoder, te1), (ref.text_encoder_2, te2)):
+        fl.merge(model, lora, 0.8)
+    want = ref(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
+    got = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])(seed=SEED, loras={str(path): 0.8}, **KW).images
+    assert np.abs(got - want).max() < TOLERANCE
+
+
+def test_sdxl_sgm_names_as_diffusers_reads_them(tiny, xl_reference, tmp_path):
+    """diffusers' own loader maps kohya's SGM UNet names (an independent check of sdrt's mapping)."""
+    pytest.importorskip("peft")
+    from sdrt.runtime.sdxl import StableDiffusionXLPipeline
+
+    ref = copy.deepcopy(xl_reference)
+    unet_lora = fl.random_lora(ref.unet, fl.module_names(ref.unet, fl.UNET_LINEAR, convs=True), rank=4, seed=8)
+    path = fl.save(tmp_path / "xl_unet.safetensors", sgm_state_dict(unet_lora, dict(ref.unet.config)))
+    try:
+        ref.load_lora_weights(str(path))
+        ref.fuse_lora(lora_scale=0.9)
+    except (ImportError, ValueError) as e:
+        pytest.skip(f"diffusers cannot load LoRAs here: {e}")
+    theirs = ref(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
+    ours = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])(seed=SEED, loras={str(path): 0.9}, **KW).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
