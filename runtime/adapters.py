@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError
-from sdrt.runtime.lora import COMPONENTS, LoraFile, Resolver
+from sdrt.runtime.lora import COMPONENTS, LoraFile, LoraFileError, Resolver
+
+TOKEN_EMBEDDING = "embeddings.token_embedding"  # the CLIP module textual inversion extends
 
 
 def _check_name(name) -> str:
@@ -62,7 +64,11 @@ class Adapters:
         self._by_path: dict[str, str] = {}  # resolved path -> adapter name
         self.disabled = False  # disable_lora: the active adapters are not applied (fused and per-run ones are)
         self._resolver: Resolver | None = None
-        self._applied: tuple = ()  # the (name, scale) set the engines run with
+        self._applied: tuple = ()  # the (name, scale) set the engines run with, and the embeddings' version
+        # Textual inversion: rows appended to each text encoder's token-embedding table, from row `start`.
+        self.embeddings: dict[str, list[np.ndarray]] = {}
+        self._embedding_start: dict[str, int] = {}
+        self.tokens: list[str] = []
         self._users = 0
         self._condition = threading.Condition()
 
@@ -193,6 +199,7 @@ class Adapters:
     @contextmanager
     def using(self, wanted):
         """Run with the engines' weights set to `wanted`; waits for runs with another set to finish first."""
+        wanted = (wanted, sum(len(rows) for rows in self.embeddings.values()))
         with self._condition:
             while self._users and self._applied != wanted:
                 self._condition.wait()
@@ -206,11 +213,15 @@ class Adapters:
                 self._users -= 1
                 self._condition.notify_all()
 
-    def _apply(self, wanted) -> None:
+    def _apply(self, key) -> None:
         from sdrt.engines.weights import weight_file
 
+        wanted = key[0]
         folder = self.models.folder
         changes: dict[str, dict[str, np.ndarray]] = {}
+        for component, rows in self.embeddings.items():
+            target = self.resolver.targets[component][TOKEN_EMBEDDING]
+            changes.setdefault(component, {})[target.initializer] = _Grown(self._embedding_start[component], rows)
         for name, scale in wanted:
             for component, deltas in self.loaded[name].deltas(self.resolver).items():
                 bucket = changes.setdefault(component, {})
@@ -229,6 +240,82 @@ class Adapters:
             merged = {}
             for initializer, delta in changes[component].items():
                 weight = base[initializer]
-                merged[initializer] = (weight.astype(np.float32) + delta).astype(weight.dtype)
+                if isinstance(delta, _Grown):
+                    merged[initializer] = delta.table(weight)
+                else:
+                    merged[initializer] = (weight.astype(np.float32) + delta).astype(weight.dtype)
             engine.set_initializers(merged)
-        self._applied = wanted
+        self._applied = key
+
+    # -- textual inversion ----------------------------------------------------------------------------------
+
+    def load_embedding(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (A1111 `emb_params`, diffusers' {token: vectors}, SDXL `clip_l` +
+        `clip_g`): its token(s) to the tokenizer(s), its vectors to the text encoder(s)' token embeddings.
+        Returns the tokens added (`t`, `t_1`, ... for a multi-vector embedding; `t` stands for all in prompts)."""
+        from sdrt.runtime.lora import read_safetensors
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"an embedding must be given as a .safetensors path, got {type(path).__name__}")
+        if token is not None and (not isinstance(token, str) or not token.strip() or " " in token):
+            raise InvalidInputError(f"token must be one word (no spaces), got {token!r}")
+        path = Path(path).expanduser()
+        tensors, _ = read_safetensors(path, "embedding")
+        per_component = self._embedding_vectors(path, tensors)
+        name = token
+        if name is None:
+            keys = [k for k in tensors if k not in ("emb_params", "clip_l", "clip_g")]
+            name = keys[0] if len(keys) == 1 else path.stem
+        tokens = [name] + [f"{name}_{i}" for i in range(1, len(next(iter(per_component.values()))))]
+        checks = []
+        for component, vectors in per_component.items():
+            tokenizer = self._tokenizer_of(component)
+            target = self.resolver.targets.get(component, {}).get(TOKEN_EMBEDDING)
+            if tokenizer is None or target is None:
+                raise LoraFileError(f"{path} has vectors for {component} (SDXL's clip_g encoder), which "
+                                    f"{self.models.folder.path} lacks: an SDXL embedding on another model?")
+            if vectors.shape[1] != target.shape[1]:
+                raise LoraFileError(f"{path}: its vectors have {vectors.shape[1]} dimensions, {component}'s token "
+                                    f"embeddings {target.shape[1]}: an embedding for another model?")
+            checks.append((component, tokenizer, vectors))
+        for component, tokenizer, vectors in checks:
+            self._embedding_start.setdefault(component, tokenizer.vocab_size)
+            tokenizer.add_tokens(tokens)
+            self.embeddings.setdefault(component, []).append(vectors.astype(np.float32))
+        self.tokens += tokens
+        return tokens
+
+    def _tokenizer_of(self, component: str):
+        return getattr(self.models, "tokenizer" if component == "text_encoder" else "tokenizer_2", None)
+
+    def _embedding_vectors(self, path: Path, tensors: dict) -> dict[str, np.ndarray]:
+        """{text component: vectors [n, dim]} of an embedding file."""
+        two_d = {k: np.atleast_2d(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()}
+        if set(two_d) >= {"clip_l", "clip_g"}:
+            found = {"text_encoder": two_d["clip_l"], "text_encoder_2": two_d["clip_g"]}
+        elif "emb_params" in two_d:
+            found = {"text_encoder": two_d["emb_params"]}
+        elif len(two_d) == 1:
+            found = {"text_encoder": next(iter(two_d.values()))}
+        else:
+            raise LoraFileError(f"{path} is not a textual-inversion embedding sdrt knows (keys: {sorted(tensors)[:5]}; "
+                                "expected emb_params, one {token: vectors} entry, or clip_l + clip_g)")
+        if "text_encoder" in found and self.models.text_encoder is None and "text_encoder_2" in found:
+            found.pop("text_encoder")  # the SDXL refiner has the second encoder only
+        counts = {v.shape[0] for v in found.values()}
+        if any(v.ndim != 2 for v in found.values()) or len(counts) != 1:
+            raise LoraFileError(f"{path}: its vectors have shapes {[v.shape for v in found.values()]}, not [n, dim]")
+        return found
+
+
+class _Grown:
+    """A token-embedding table with textual-inversion rows appended from row `start` (transformers' resize)."""
+
+    def __init__(self, start: int, rows: list[np.ndarray]):
+        self.start, self.rows = start, rows
+
+    def table(self, base: np.ndarray) -> np.ndarray:
+        if base.shape[0] < self.start:
+            raise LoraFileError(f"the token-embedding table has {base.shape[0]} rows, fewer than the tokenizer's "
+                                f"{self.start} ids")
+        return np.ascontiguousarray(np.concatenate([base[: self.start], *self.rows]).astype(base.dtype))

@@ -67,6 +67,7 @@ class ClipTokenizer:
         self.bos_token_id = ids["bos_token"]
         self.eos_token_id = ids["eos_token"]
         self.pad_token_id = ids["pad_token"]
+        self._expansions: dict[str, str] = {}  # multi-vector textual-inversion tokens -> "tok tok_1 tok_2"
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, model_max_length: int | None = None) -> "ClipTokenizer":
@@ -125,7 +126,7 @@ class ClipTokenizer:
             raise InvalidInputError(f"prompts must be a string or a list of strings, got {_describe(prompts)}")
         length = self.model_max_length
         input_ids = np.full((len(prompts), length), self.pad_token_id, dtype=np.int64)
-        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
+        encodings = self._tokenizer.encode_batch([self._expand(p) for p in prompts], add_special_tokens=False)
         for row, encoding in enumerate(encodings):
             tokens = encoding.ids
             kept = tokens[: length - 2]
@@ -138,7 +139,31 @@ class ClipTokenizer:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, without BOS/EOS, neither cut nor padded (sdrt.runtime.prompts chunks them)."""
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        expanded = [self._expand(t) for t in texts]
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(expanded, add_special_tokens=False)]
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use, added tokens included (the next added token gets this id)."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """New words (textual-inversion tokens), matched whole in prompts, with the next ids, as transformers'
+        add_tokens; a word the vocabulary has already is refused. Several tokens `t, t_1, ..., t_n` are one
+        multi-vector embedding: `t` in a prompt then stands for all of them (diffusers' maybe_convert_prompt)."""
+        taken = [t for t in tokens if self._tokenizer.token_to_id(t) is not None]
+        if taken:
+            raise InvalidInputError(f"token {taken[0]!r} is in the tokenizer's vocabulary already; give another "
+                                    "token name (token=...)")
+        self._tokenizer.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
+        if len(tokens) > 1:
+            self._expansions[tokens[0]] = " ".join(tokens)
+        return [self._tokenizer.token_to_id(t) for t in tokens]
+
+    def _expand(self, text: str) -> str:
+        for token, replacement in self._expansions.items():
+            text = text.replace(token, replacement)
+        return text
 
     @property
     def comma_token_id(self) -> int | None:

@@ -165,6 +165,12 @@ class Facade:
     def unfuse_lora(self) -> None:
         self.core.adapters.fused.clear()
 
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (.safetensors: A1111's `emb_params`, diffusers' learned_embeds, SDXL's
+        clip_l + clip_g) under `token` (default: the file's token, else its stem); use the token in prompts.
+        Returns the tokens added."""
+        return self.core.adapters.load_embedding(path, token)
+
     def unload_lora_weights(self) -> None:
         """Forget every adapter: the next run uses the folder's weights, bit for bit."""
         self.core.adapters.delete(list(self.core.adapters.loaded))
