@@ -278,6 +278,10 @@ class Adapters:
                 raise LoraFileError(f"{path}: its vectors have {vectors.shape[1]} dimensions, {component}'s token "
                                     f"embeddings {target.shape[1]}: an embedding for another model?")
             checks.append((component, tokenizer, vectors))
+        taken = [t for _, tokenizer, _ in checks for t in tokens if tokenizer.knows(t)]
+        if taken:  # checked for every tokenizer before any changes: nothing half-added
+            raise InvalidInputError(f"token {taken[0]!r} is in the tokenizer's vocabulary already; give another "
+                                    "token name (token=...)")
         for component, tokenizer, vectors in checks:
             self._embedding_start.setdefault(component, tokenizer.vocab_size)
             tokenizer.add_tokens(tokens)

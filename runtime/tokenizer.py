@@ -147,11 +147,14 @@ class ClipTokenizer:
         """Ids in use, added tokens included (the next added token gets this id)."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def knows(self, token: str) -> bool:
+        return self._tokenizer.token_to_id(token) is not None
+
     def add_tokens(self, tokens: list[str]) -> list[int]:
         """New words (textual-inversion tokens), matched whole in prompts, with the next ids, as transformers'
         add_tokens; a word the vocabulary has already is refused. Several tokens `t, t_1, ..., t_n` are one
         multi-vector embedding: `t` in a prompt then stands for all of them (diffusers' maybe_convert_prompt)."""
-        taken = [t for t in tokens if self._tokenizer.token_to_id(t) is not None]
+        taken = [t for t in tokens if self.knows(t)]
         if taken:
             raise InvalidInputError(f"token {taken[0]!r} is in the tokenizer's vocabulary already; give another "
                                     "token name (token=...)")

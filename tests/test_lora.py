@@ -286,3 +286,41 @@ def test_sdxl_sgm_names_as_diffusers_reads_them(tiny, xl_reference, tmp_path):
     theirs = ref(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
     ours = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])(seed=SEED, loras={str(path): 0.9}, **KW).images
     assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+# -- LyCORIS: LoHa and LoKr, against their definitions written in torch ---------------------------------------------
+
+
+def test_loha_and_lokr_match_their_definitions(pipe, sd1_reference, tmp_path):
+    ref = copy.deepcopy(sd1_reference)
+    modules = dict(ref.unet.named_modules())
+    rng = np.random.default_rng(11)
+    state, rank, alpha = {}, 2, 3.0
+    loha = fl.module_names(ref.unet, ("attn1.to_q", "ff.net.2"), convs=True)[:6]
+    lokr = fl.module_names(ref.unet, ("attn2.to_out.0", "attn1.to_v"))
+    with torch.no_grad():
+        for name in loha:  # (w1a @ w1b) * (w2a @ w2b) * alpha / r, kernels flattened into w*b
+            weight = modules[name].weight
+            out_dim, rest = weight.shape[0], int(np.prod(weight.shape[1:]))
+            f = {k: rng.standard_normal(s).astype(np.float32) * 0.5 for k, s in
+                 (("w1a", (out_dim, rank)), ("w1b", (rank, rest)), ("w2a", (out_dim, rank)), ("w2b", (rank, rest)))}
+            stem = "lora_unet_" + name.replace(".", "_")
+            state.update({f"{stem}.hada_w1_a": f["w1a"], f"{stem}.hada_w1_b": f["w1b"], f"{stem}.hada_w2_a": f["w2a"],
+                          f"{stem}.hada_w2_b": f["w2b"], f"{stem}.alpha": np.array(alpha, np.float32)})
+            t = {k: torch.from_numpy(v).double() for k, v in f.items()}
+            change = (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"]) * alpha / rank
+            weight.copy_((weight.double() + 0.9 * change.reshape(weight.shape)).float())
+        for name in lokr:  # kron(w1, w2a @ w2b) * alpha / r
+            weight = modules[name].weight
+            out_dim, in_dim = weight.shape
+            w1 = rng.standard_normal((2, 2)).astype(np.float32)
+            w2a = rng.standard_normal((out_dim // 2, rank)).astype(np.float32)
+            w2b = rng.standard_normal((rank, in_dim // 2)).astype(np.float32)
+            stem = "lora_unet_" + name.replace(".", "_")
+            state.update({f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2_a": w2a, f"{stem}.lokr_w2_b": w2b,
+                          f"{stem}.alpha": np.array(alpha, np.float32)})
+            change = torch.kron(torch.from_numpy(w1).double(), torch.from_numpy(w2a @ w2b).double()) * alpha / rank
+            weight.copy_((weight.double() + 0.9 * change).float())
+    path = fl.save(tmp_path / "lycoris.safetensors", state)
+    want = ref(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
+    assert np.abs(pipe(seed=SEED, loras={str(path): 0.9}, **KW).images - want).max() < TOLERANCE
