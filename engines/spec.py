@@ -91,9 +91,14 @@ class NetworkSpec:
         return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
 
 
+NORMED_HIDDEN_STATES = "sdrt_normed_hidden_states"  # config.json key: the encoder has normed_hidden_states outputs
+
+
 def text_encoder_spec(name: str, hidden_size: int, *, projection_dim: int | None = None,
-                      num_hidden_layers: int | None = None) -> NetworkSpec:
-    """CLIP text encoder. With `num_hidden_layers`, every layer's hidden states are outputs too (SDXL)."""
+                      num_hidden_layers: int | None = None, normed_layers: int | None = None) -> NetworkSpec:
+    """CLIP text encoder. With `num_hidden_layers`, every layer's hidden states are outputs too (SDXL). With
+    `normed_layers` (SD 1.x/2.x), the hidden states 0..normed_layers-1 through the final layer norm are outputs
+    `normed_hidden_states.{i}`: what diffusers' clip_skip feeds the UNet there (hidden_states[-(N+1)] + norm)."""
     outputs = [TensorSpec("last_hidden_state", "float32", (BATCH, SEQUENCE, hidden_size))]
     if projection_dim is not None:
         outputs.append(TensorSpec("text_embeds", "float32", (BATCH, projection_dim)))
@@ -104,6 +109,9 @@ def text_encoder_spec(name: str, hidden_size: int, *, projection_dim: int | None
             TensorSpec(f"hidden_states.{i}", "float32", (BATCH, SEQUENCE, hidden_size))
             for i in range(num_hidden_layers + 1)
         ]
+    if normed_layers is not None:
+        outputs += [TensorSpec(f"normed_hidden_states.{i}", "float32", (BATCH, SEQUENCE, hidden_size))
+                    for i in range(normed_layers)]
     return NetworkSpec(name, (TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),), tuple(outputs))
 
 
@@ -169,7 +177,10 @@ def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = No
         projection = config.get("projection_dim") if component == "text_encoder_2" else None
         # As optimum marks SDXL's encoders: every layer's hidden states are outputs (clip skip reads them).
         layers = config["num_hidden_layers"] if config.get("output_hidden_states") else None
-        return text_encoder_spec(component, config["hidden_size"], projection_dim=projection, num_hidden_layers=layers)
+        # sdrt's exports of SD 1.x/2.x encoders: the earlier layers through the final norm (clip skip).
+        normed = config["num_hidden_layers"] if config.get(NORMED_HIDDEN_STATES) else None
+        return text_encoder_spec(component, config["hidden_size"], projection_dim=projection, num_hidden_layers=layers,
+                                 normed_layers=normed)
     if component == "unet":
         addition, time_ids = None, 6
         if config.get("addition_embed_type") == "text_time":

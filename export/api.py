@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sdrt.engines.spec import latent_multiple, spec_for, vae_scale_factor
+from sdrt.engines.spec import NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
 from sdrt.export.checkpoint import load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
@@ -68,6 +68,8 @@ def exported_config(name: str, ckpt) -> dict:
     give every layer's hidden states; the UNet names the pooled width and whether it takes an aesthetic score)."""
     config = ckpt.config(SOURCE_FOLDER[name])
     if ckpt.family != "stable-diffusion-xl":
+        if name == "text_encoder":  # clip skip: earlier layers through the final norm (engines.spec)
+            return dict(config, **{NORMED_HIDDEN_STATES: True})
         return config
     if name.startswith("text_encoder"):
         return dict(config, output_hidden_states=True)

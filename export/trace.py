@@ -35,6 +35,17 @@ class TextEncoderHiddenStatesWrapper(TextEncoderWrapper):
         return (out.last_hidden_state, pooled, *out.hidden_states)
 
 
+class TextEncoderNormedWrapper(TextEncoderWrapper):
+    """SD 1.x/2.x encoders: also each earlier layer's hidden states through the final layer norm (clip skip reads
+    `normed_hidden_states.{i}` = final_layer_norm(hidden_states[i]), as diffusers computes it)."""
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 nests it, 5 does not
+        normed = tuple(model.final_layer_norm(h) for h in out.hidden_states[:-1])
+        return (out.last_hidden_state, out.pooler_output, *normed)
+
+
 class UNetWrapper(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -105,6 +116,9 @@ def wrap(component: str, module, spec: NetworkSpec | None = None) -> torch.nn.Mo
     if component in ("text_encoder", "text_encoder_2") and spec is not None and \
             any(name.startswith("hidden_states.") for name in spec.output_names):
         return TextEncoderHiddenStatesWrapper(module).eval()
+    if component == "text_encoder" and spec is not None and \
+            any(name.startswith("normed_hidden_states.") for name in spec.output_names):
+        return TextEncoderNormedWrapper(module).eval()
     wrappers = {
         "text_encoder": TextEncoderWrapper,
         "vae_decoder": VaeDecoderWrapper,

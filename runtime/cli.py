@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="original (default): read PROMPT in A1111's syntax, (word:1.2) [word] BREAK, any length, "
                         "in chunks of 75 tokens; none: literal text cut at 77 tokens, as diffusers")
     g.add_argument("--clip-skip", type=int, default=None,
-                   help="SDXL: take the prompt's embeddings this many text-encoder layers earlier (diffusers' clip_skip)")
+                   help="take the prompt's embeddings this many text-encoder layers earlier (diffusers' clip_skip)")
     g.add_argument("--lora", type=_lora, action="append", default=None, metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors file (kohya/A1111, diffusers/PEFT, LoHa/LoKr) at SCALE (default 1); "
                         "repeatable")

@@ -38,7 +38,11 @@ def test_onnx_names_follow_optimum(exported, flavour):
     for c in COMPONENTS:
         model = onnx.load(str(exported[flavour] / c / "model.onnx"), load_external_data=False)
         names[c] = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
-    assert names["text_encoder"] == (["input_ids"], ["last_hidden_state", "pooler_output"])
+    # optimum's two outputs first; then each earlier layer through the final norm, for clip skip (sdrt's own)
+    layers = len(names["text_encoder"][1]) - 2
+    assert names["text_encoder"] == (["input_ids"], ["last_hidden_state", "pooler_output",
+                                                     *(f"normed_hidden_states.{i}" for i in range(layers))])
+    assert layers == json.loads((exported[flavour] / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     assert names["unet"] == (["sample", "timestep", "encoder_hidden_states"], ["out_sample"])
     assert names["vae_decoder"] == (["latent_sample"], ["sample"])
     assert names["vae_encoder"] == (["sample"], ["latent_parameters"])

@@ -313,10 +313,53 @@ def test_sdxl_clip_skip_matches_diffusers(tiny, clip_skip):
     assert not np.array_equal(got, pipe(seed=2, output_type="np", **kwargs).images)
 
 
-def test_clip_skip_refusals(exported, tiny):
-    with pytest.raises(InvalidInputError, match="clip_skip is not supported for SD 1.x / 2.x"):
-        StableDiffusionPipeline.from_pretrained(exported["sd1"])("a cat", clip_skip=1, num_inference_steps=1)
+@pytest.mark.parametrize("flavour,clip_skip", [("sd1", 1), ("sd1", 2), ("sd2", 1)])
+def test_sd_clip_skip_matches_diffusers(checkpoints, exported, flavour, clip_skip):
+    """diffusers' meaning for SD 1.x/2.x: the prompt's embeddings are hidden_states[-(clip_skip + 1)] through the
+    final layer norm; the negatives' stay the last hidden state. (diffusers 0.42's own clip_skip path reads
+    text_encoder.text_model, which transformers 5 removed, so the reference embeddings are made here the same way.)"""
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(checkpoints[flavour], safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    prompt, negative = "a red circle on a blue square", "blurry"
+
+    def ids(text):
+        return reference.tokenizer(text, padding="max_length", max_length=77, truncation=True,
+                                   return_tensors="pt").input_ids
+
+    encoder = reference.text_encoder
+    with torch.no_grad():
+        hidden = encoder(ids(prompt), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        prompt_embeds = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+        negative_embeds = encoder(ids(negative))[0]
+    kwargs = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
+    expected = reference(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                         generator=torch.Generator("cpu").manual_seed(2), **kwargs).images
+    pipe = StableDiffusionPipeline.from_pretrained(exported[flavour])
+    got = pipe(prompt, negative_prompt=negative, clip_skip=clip_skip, seed=2, **kwargs).images
+    assert np.abs(got - expected).max() < 1e-3
+    assert not np.array_equal(got, pipe(prompt, negative_prompt=negative, seed=2, **kwargs).images)
+    literal = StableDiffusionPipeline.from_pretrained(exported[flavour], emphasis="none")
+    np.testing.assert_array_equal(got, literal(prompt, negative_prompt=negative, clip_skip=clip_skip, seed=2,
+                                               **kwargs).images)
+
+
+def test_clip_skip_refusals(exported, tiny, tmp_path):
+    sd1 = StableDiffusionPipeline.from_pretrained(exported["sd1"])
+    for bad in (0, 3, 1.5):  # 3: past the tiny encoder's embeddings
+        with pytest.raises(InvalidInputError, match="clip_skip"):
+            sd1("a cat", clip_skip=bad, num_inference_steps=1)
     xl = StableDiffusionXLPipeline.from_pretrained(tiny["xl-base"])
     for bad in (0, 1.5, "2", 2, 99):  # 2: past the tiny encoders' first layer (diffusers: IndexError)
         with pytest.raises(InvalidInputError, match="clip_skip"):
             xl("a cat", clip_skip=bad, num_inference_steps=1)
+    # A folder exported before the encoder gave its earlier layers (or by optimum) says to re-export.
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["sd1"], old)
+    config = json.loads((old / "text_encoder" / "config.json").read_text())
+    config.pop("sdrt_normed_hidden_states")
+    (old / "text_encoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match="re-export"):
+        StableDiffusionPipeline.from_pretrained(old, verify="none")("a cat", clip_skip=1, num_inference_steps=1)
