@@ -16,6 +16,40 @@ Dim = Union[int, str]
 BATCH, SEQUENCE = "batch", "sequence"
 HEIGHT, WIDTH = "height", "width"
 LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
+DOWNSCALES = (2, 4, 8, 16, 32)  # "latent_height/2" ...: a UNet's down blocks' resolutions
+CONTROL_RESIDUALS = "sdrt_control_residuals"  # unet config.json key: the UNet takes ControlNet residuals
+
+
+def control_residuals(config: Mapping) -> list[tuple[int, int]]:
+    """(channels, downscale) of each down-block residual a ControlNet adds to this UNet (diffusers' order: conv_in,
+    then every layer of every down block and its downsampler); the mid-block residual is the last block's width at
+    the last downscale. From a UNet's (or ControlNet's) config."""
+    channels = list(config["block_out_channels"])
+    layers = config.get("layers_per_block", 2)
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(channels)
+    out, scale = [(channels[0], 1)], 1
+    for b, width in enumerate(channels):
+        out += [(width, scale)] * layers[b]
+        if b < len(channels) - 1:
+            scale *= 2
+            out.append((width, scale))
+    return out
+
+
+def residual_shape(channels: int, scale: int) -> tuple:
+    if scale == 1:
+        return (BATCH, channels, LATENT_HEIGHT, LATENT_WIDTH)
+    return (BATCH, channels, f"{LATENT_HEIGHT}/{scale}", f"{LATENT_WIDTH}/{scale}")
+
+
+def residual_inputs(config: Mapping) -> list[TensorSpec]:
+    """A UNet's ControlNet residual inputs (optimum/diffusers names): down_block_additional_residual_{i}, then
+    mid_block_additional_residual."""
+    residuals = control_residuals(config)
+    specs = [TensorSpec(f"down_block_additional_residual_{i}", "float32", residual_shape(c, s))
+             for i, (c, s) in enumerate(residuals)]
+    mid = config["block_out_channels"][-1], residuals[-1][1]
+    return specs + [TensorSpec("mid_block_additional_residual", "float32", residual_shape(*mid))]
 
 
 @dataclass(frozen=True)
@@ -64,7 +98,7 @@ class NetworkSpec:
     def dims(self, batch: int, height: int, width: int, sequence: int = 77) -> dict[str, int]:
         """Values of every named axis for a batch of images of height x width pixels."""
         f = self.vae_scale_factor
-        return {
+        dims = {
             BATCH: batch,
             SEQUENCE: sequence,
             HEIGHT: height,
@@ -72,6 +106,10 @@ class NetworkSpec:
             LATENT_HEIGHT: height // f,
             LATENT_WIDTH: width // f,
         }
+        for k in DOWNSCALES:  # the UNet's lower resolutions (ControlNet residuals): stride-2 convs round up
+            dims[f"{LATENT_HEIGHT}/{k}"] = -(-dims[LATENT_HEIGHT] // k)
+            dims[f"{LATENT_WIDTH}/{k}"] = -(-dims[LATENT_WIDTH] // k)
+        return dims
 
     def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.resolve(dims) for t in self.inputs}
@@ -117,7 +155,8 @@ def text_encoder_spec(name: str, hidden_size: int, *, projection_dim: int | None
 
 def unet_spec(in_channels: int, out_channels: int, cross_attention_dim: int, *,
               vae_scale_factor: int = 8, time_cond_proj_dim: int | None = None,
-              addition_embed_dim: int | None = None, time_ids_dim: int = 6) -> NetworkSpec:
+              addition_embed_dim: int | None = None, time_ids_dim: int = 6,
+              residuals: list | None = None) -> NetworkSpec:
     """UNet2DConditionModel: noisy latents, timestep per batch element, text embeddings -> prediction."""
     inputs = [
         TensorSpec("sample", "float32", (BATCH, in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
@@ -129,8 +168,33 @@ def unet_spec(in_channels: int, out_channels: int, cross_attention_dim: int, *,
         inputs.append(TensorSpec("time_ids", "float32", (BATCH, time_ids_dim)))
     if time_cond_proj_dim is not None:
         inputs.append(TensorSpec("timestep_cond", "float32", (BATCH, time_cond_proj_dim)))
+    inputs += residuals or []
     outputs = (TensorSpec("out_sample", "float32", (BATCH, out_channels, LATENT_HEIGHT, LATENT_WIDTH)),)
     return NetworkSpec("unet", tuple(inputs), outputs, vae_scale_factor)
+
+
+def controlnet_spec(config: Mapping) -> NetworkSpec:
+    """diffusers' ControlNetModel: the UNet's inputs plus the control image (pixels in [0, 1]) -> the residuals
+    for the UNet's down blocks and mid block (at conditioning scale 1; sdrt scales them in NumPy)."""
+    channels = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+    factor = 2 ** (len(channels) - 1)  # the conditioning embedding's stride-2 convs: the image is this much larger
+    cross = _cross_attention_dim(config)
+    inputs = [
+        TensorSpec("sample", "float32", (BATCH, config.get("in_channels", 4), LATENT_HEIGHT, LATENT_WIDTH)),
+        TensorSpec("timestep", "float32", (BATCH,)),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cross)),
+        TensorSpec("controlnet_cond", "float32", (BATCH, config.get("conditioning_channels", 3), HEIGHT, WIDTH)),
+    ]
+    if config.get("addition_embed_type") == "text_time":
+        added, per_id = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+        pooled = added - 6 * per_id
+        inputs += [TensorSpec("text_embeds", "float32", (BATCH, pooled)), TensorSpec("time_ids", "float32", (BATCH, 6))]
+    residuals = control_residuals(config)
+    outputs = [TensorSpec(f"down_block_res_sample_{i}", "float32", residual_shape(c, s))
+               for i, (c, s) in enumerate(residuals)]
+    outputs.append(TensorSpec("mid_block_res_sample", "float32",
+                              residual_shape(config["block_out_channels"][-1], residuals[-1][1])))
+    return NetworkSpec("controlnet", tuple(inputs), tuple(outputs), factor)
 
 
 def vae_decoder_spec(latent_channels: int, out_channels: int, *, vae_scale_factor: int = 8,
@@ -196,6 +260,7 @@ def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = No
             time_cond_proj_dim=config.get("time_cond_proj_dim"),
             addition_embed_dim=addition,
             time_ids_dim=time_ids,
+            residuals=residual_inputs(config) if config.get(CONTROL_RESIDUALS) else None,
         )
     if component == "vae_decoder":
         return vae_decoder_spec(config["latent_channels"], config["out_channels"], vae_scale_factor=factor)

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sdrt.engines.spec import NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
+from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
 from sdrt.export.checkpoint import load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
@@ -67,6 +67,8 @@ def exported_config(name: str, ckpt) -> dict:
     """The component's config.json as exported: SDXL's are marked as optimum marks them (text encoders
     give every layer's hidden states; the UNet names the pooled width and whether it takes an aesthetic score)."""
     config = ckpt.config(SOURCE_FOLDER[name])
+    if name == "unet":  # every UNet takes ControlNet residuals (zeros without one): engines.spec.residual_inputs
+        config = dict(config, **{CONTROL_RESIDUALS: True})
     if ckpt.family != "stable-diffusion-xl":
         if name == "text_encoder":  # clip skip: earlier layers through the final norm (engines.spec)
             return dict(config, **{NORMED_HIDDEN_STATES: True})

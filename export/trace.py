@@ -3,6 +3,7 @@ then export with torch's dynamo exporter and dynamic axes taken from the spec.""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -79,6 +80,24 @@ class UNetAddedTimeCondWrapper(UNetWrapper):
                          added_cond_kwargs=added, return_dict=False)[0]
 
 
+class UNetControlWrapper(UNetWrapper):
+    """Any UNet taking ControlNet residuals: inputs by the spec's names (sample, timestep, encoder_hidden_states,
+    then text_embeds / time_ids / timestep_cond where the UNet has them, then the residuals)."""
+
+    def __init__(self, unet, names):
+        super().__init__(unet)
+        self.names = list(names)
+
+    def forward(self, *inputs):
+        given = dict(zip(self.names, inputs))
+        down = [given[n] for n in self.names if n.startswith("down_block_additional_residual_")]
+        added = {k: given[k] for k in ("text_embeds", "time_ids") if k in given}
+        return self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"],
+                         timestep_cond=given.get("timestep_cond"), added_cond_kwargs=added or None,
+                         down_block_additional_residuals=tuple(down),
+                         mid_block_additional_residual=given["mid_block_additional_residual"], return_dict=False)[0]
+
+
 # The UNet wrapper for each set of inputs beyond (sample, timestep, encoder_hidden_states), in spec order.
 UNET_WRAPPERS = {
     (): UNetWrapper,
@@ -112,6 +131,8 @@ def wrap(component: str, module, spec: NetworkSpec | None = None) -> torch.nn.Mo
     """The torch module whose positional inputs are the spec's inputs, in order."""
     if component == "unet":
         extra = tuple(spec.input_names[3:]) if spec is not None else ()
+        if "mid_block_additional_residual" in extra:
+            return UNetControlWrapper(module, spec.input_names).eval()
         return UNET_WRAPPERS[extra](module).eval()
     if component in ("text_encoder", "text_encoder_2") and spec is not None and \
             any(name.startswith("hidden_states.") for name in spec.output_names):
@@ -147,6 +168,8 @@ def export_onnx(module: torch.nn.Module, spec: NetworkSpec, example: tuple, path
     dynamic_shapes = tuple(
         {axis: torch.export.Dim.DYNAMIC for axis in t.dynamic_axes} for t in spec.inputs
     )
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        dynamic_shapes = (dynamic_shapes,)  # forward(*inputs): one structure holding them all
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -71,7 +71,7 @@ class Facade:
 
     def __init__(self, folder: ModelFolder, provider="cpu", scheduler: str | None = None, low_memory: bool = False,
                  cfg_mode: str | None = None, vae_tiling=None, vae: str = "full", emphasis: str = "original",
-                 **engine_options):
+                 controlnet=None, **engine_options):
         """low_memory: one network in memory at a time, guidance halves one after the other, lean sessions
         (sdrt.runtime.memory); same images. cfg_mode: "batched" (one UNet call of 2N) or "sequential" (two
         of N; the default in low-memory mode). vae_tiling: decode (and encode) in overlapping tiles
@@ -90,7 +90,7 @@ class Facade:
         object.__setattr__(self, "core", Generator(
             folder, family, provider=provider, scheduler=scheduler, low_memory=low_memory,
             cfg_mode=cfg_mode, vae_tiling=vae_tiling, vae=vae, encoder=self.needs_encoder, emphasis=emphasis,
-            **engine_options))
+            controlnet=controlnet, **engine_options))
 
     @classmethod
     def from_pretrained(cls, path, provider="cpu", scheduler: str | None = None, verify: str = "size",
@@ -188,6 +188,10 @@ class Facade:
         refiner hand-off when denoising_start or denoising_end is given."""
         request = Request.from_arguments(arguments)
         tasks = [self.task()]
+        if self.core.models.controlnets:
+            from sdrt.runtime.tasks.control import Control
+
+            tasks.append(Control())
         if request.denoising_start is not None or request.denoising_end is not None:
             tasks.append(HandOff())
         return self.core.generate(request, tasks)

@@ -86,12 +86,29 @@ def check_size(folder: ModelFolder, height, width, subject: str = "") -> None:
             )
 
 
+RESIDUAL_PREFIXES = ("down_block_additional_residual_", "mid_block_additional_residual")
+
+
+def zero_residuals(run: Run) -> dict:
+    """Zeros for a UNet's ControlNet residual inputs when no task gives residuals (an exact no-op: x + 0 = x),
+    batched as the conditioning; constant, so they go to the device once per generation with it."""
+    if any(getattr(task, "gives_residuals", False) for task in run.tasks):
+        return {}
+    spec = run.folder.spec("unet")
+    inputs = [t for t in spec.inputs if t.name.startswith(RESIDUAL_PREFIXES)]
+    if not inputs:
+        return {}
+    dims = spec.dims(len(run.conditioning["encoder_hidden_states"]), run.height, run.width)
+    return {t.name: np.zeros(t.resolve(dims), dtype=np.float32) for t in inputs}
+
+
 class Generator:
     """A folder opened for generation: its family, engines (Models) and scheduler."""
 
     def __init__(self, folder: ModelFolder, family, provider="cpu", scheduler: str | None = None,
                  low_memory: bool = False, cfg_mode: str | None = None, vae_tiling: Tiling | None = None,
-                 vae: str = "full", encoder: bool = False, emphasis: str = "original", **engine_options):
+                 vae: str = "full", encoder: bool = False, emphasis: str = "original", controlnet=None,
+                 **engine_options):
         if scheduler is not None and not isinstance(scheduler, str):
             raise InvalidInputError(f"scheduler must be a name such as 'euler-a' or None, got {scheduler!r}")
         if cfg_mode is None:
@@ -108,7 +125,7 @@ class Generator:
         self.cfg_mode = cfg_mode
         self.vae_tiling = vae_tiling
         self.models = Models(folder, provider=provider, low_memory=low_memory, vae=vae, encoder=encoder,
-                             **engine_options)
+                             controlnet=controlnet, **engine_options)
         self.scheduler = load_scheduler(folder.scheduler_config, name=scheduler)
         self.scheduler_name = scheduler
         self._schedulers: dict[str, Scheduler] = {}
@@ -135,6 +152,7 @@ class Generator:
         with self.adapters.using(loras):
             # 2. Conditioning (text encoders), 3. initial latents, 4. denoise, 5. decode and finish.
             run.conditioning = self.family.conditioning(run)
+            run.conditioning.update(zero_residuals(run))
             latents = None
             for task in run.tasks:
                 latents = task.start(run, latents)

@@ -15,13 +15,25 @@ import numpy as np
 from sdrt.runtime.errors import CancelledError, GenerationError
 
 
-def _halves(conditioning: dict, guided: bool, sequential: bool) -> tuple[list[dict], list[dict]]:
-    """(calls with guidance, calls of the conditional half alone): each a list of UNet feeds' conditioning parts.
-    With guidance the conditioning is batched negatives first; sequential mode runs each half on its own."""
+UNCOND, COND = "negative", "positive"  # the halves a UNet call holds, in row order
+
+
+def _no_call_inputs(self, run, i, sample, conditioning, halves) -> dict:
+    return {}
+
+
+_NO_CALL_INPUTS = _no_call_inputs  # Task.call_inputs (sdrt.runtime.tasks.base), which adds nothing
+
+
+def _halves(conditioning: dict, guided: bool, sequential: bool) -> tuple[list, list]:
+    """(calls with guidance, calls of the conditional half alone): each a list of (UNet feed's conditioning part,
+    the halves it holds in row order). With guidance the conditioning is batched negatives first; sequential
+    mode runs each half on its own."""
     if not guided:
-        return [conditioning], [conditioning]
+        return [(conditioning, (COND,))], [(conditioning, (COND,))]
     halves = [{name: np.split(value, 2)[half] for name, value in conditioning.items()} for half in (0, 1)]
-    return (halves if sequential else [conditioning]), [halves[1]]
+    both = [(halves[0], (UNCOND,)), (halves[1], (COND,))] if sequential else [(conditioning, (UNCOND, COND))]
+    return both, [(halves[1], (COND,))]
 
 
 def denoise(run, latents: np.ndarray) -> np.ndarray:
@@ -41,13 +53,14 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
     guided_calls, conditional_calls = _halves(run.conditioning, guidance.enabled, run.cfg_mode == "sequential")
     resident = {}  # id of a conditioning part -> (batch, the device-resident part), made once per generation
 
-    def calls(parts: list[dict]) -> list[tuple[int, dict]]:
-        for part in parts:
+    def calls(parts: list) -> list[tuple[int, dict, dict, tuple]]:
+        for part, _ in parts:
             if id(part) not in resident:
                 resident[id(part)] = (len(part["encoder_hidden_states"]), unet.device_resident(part))
-        return [resident[id(part)] for part in parts]
+        return [(*resident[id(part)], part, halves) for part, halves in parts]
 
     calls(guided_calls)
+    per_call = [task for task in run.tasks if getattr(type(task), "call_inputs", None) is not _NO_CALL_INPUTS]
     unet_seconds = 0.0
     steps = range(plan.num_evaluations)
     if run.request.progress:
@@ -57,7 +70,7 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
     t_loop = time.perf_counter()
     for i in steps:
         t = plan.timesteps[i]
-        model_input = scheduler.scale_model_input(plan, i, latents)
+        model_input = scaled = scheduler.scale_model_input(plan, i, latents)
         step_inputs: dict[str, np.ndarray] = {}
         for task in run.tasks:
             model_input = task.model_input(run, i, model_input)
@@ -65,13 +78,17 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
         guided = guidance.active(plan, i)
         t_unet = time.perf_counter()
         noise_pred = []
-        for n, call in calls(guided_calls if guided else conditional_calls):
+        for n, call, host, halves in calls(guided_calls if guided else conditional_calls):
             repeat = n // batch
+            extra = {}
+            for task in per_call:  # inputs that differ per half (ControlNet residuals)
+                extra.update(task.call_inputs(run, i, np.concatenate([scaled] * repeat), host, halves))
             noise_pred.append(unet.run({
                 "sample": np.concatenate([model_input] * repeat),
                 "timestep": np.full((n,), t, dtype=timestep_dtype),
                 **{name: np.concatenate([value] * repeat) for name, value in step_inputs.items()},
                 **call,
+                **extra,
             })["out_sample"])
         noise_pred = noise_pred[0] if len(noise_pred) == 1 else np.concatenate(noise_pred)
         unet_seconds += time.perf_counter() - t_unet

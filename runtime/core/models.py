@@ -11,6 +11,7 @@ from sdrt.engines import create_engine
 from sdrt.engines.fallback import FiniteOrFallback, fallback_file
 from sdrt.runtime import memory
 from sdrt.runtime.config import ModelFolder
+from sdrt.runtime.control import ControlNetFolder
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae import require_encoder, select_vae
@@ -26,7 +27,7 @@ class Models:
     (None unless `encoder`). Attributes may be replaced (recording or instrumented engines); stages read them."""
 
     def __init__(self, folder: ModelFolder, provider="cpu", low_memory: bool = False, vae: str = "full",
-                 encoder: bool = False, **engine_options):
+                 encoder: bool = False, controlnet=None, **engine_options):
         if not isinstance(provider, str):
             raise InvalidInputError(
                 f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
@@ -51,6 +52,13 @@ class Models:
         self.unet = self.engine("unet")
         self.vae_decoder = self.nan_safe(self.vae_choice.decoder)
         self.vae_encoder = self.engine(self.vae_choice.encoder) if encoder else None
+        # ControlNets (sdrt.runtime.control): (folder, engine) pairs, each checked against this base first.
+        self.controlnets = []
+        for path in [] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
+            net = ControlNetFolder.open(path)
+            net.check_fits(folder)
+            self.controlnets.append((net, create_engine(net.path / "model.onnx", net.spec, provider=self.provider,
+                                                        **self.engine_options)))
 
     def _options(self, component: str) -> dict:
         if component == "unet":
@@ -71,7 +79,7 @@ class Models:
 
     def engines(self) -> tuple:
         return tuple(e for e in (self.text_encoder, self.text_encoder_2, self.unet, self.vae_decoder,
-                                 self.vae_encoder) if e is not None)
+                                 self.vae_encoder, *(engine for _, engine in self.controlnets)) if e is not None)
 
     def stage_done(self, *engines) -> None:
         """In low-memory mode, unload engines once their stage has run (each reloads when next needed)."""

@@ -97,6 +97,15 @@ def guidance_interval(value) -> tuple[float, float] | None:
     return lo, hi
 
 
+def per_controlnet(name: str, value, low: float, high: float | None = None):
+    """A number, or a list of numbers (one per ControlNet), each in [low, high]."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInputError(f"{name} is an empty list; give a number or one per ControlNet")
+        return tuple(real(f"{name}[{k}]", v, low, high) for k, v in enumerate(value))
+    return real(name, value, low, high)
+
+
 def fraction(name: str, value) -> float | None:
     """A denoising_start / denoising_end: None, or a number strictly between 0 and 1."""
     if value is None:
@@ -156,6 +165,12 @@ class Request:
     padding_mask_crop: int | None = None
     denoising_start: float | None = None
     denoising_end: float | None = None
+    # ControlNet (sdrt.runtime.tasks.control): per ControlNet, a value or a list of one per ControlNet.
+    control_image: Any = None
+    controlnet_conditioning_scale: Any = 1.0
+    control_guidance_start: Any = 0.0
+    control_guidance_end: Any = 1.0
+    guess_mode: bool = False
     # Family inputs (SDXL): the second encoder's texts and the micro-conditioning.
     prompt_2: str | tuple[str, ...] | None = None
     negative_prompt_2: str | tuple[str, ...] | None = None
@@ -202,6 +217,23 @@ class Request:
             set_("strength", check_strength(self.strength))
         if self.padding_mask_crop is not None:
             set_("padding_mask_crop", integer("padding_mask_crop", self.padding_mask_crop, 0))
+        set_("controlnet_conditioning_scale", per_controlnet("controlnet_conditioning_scale",
+                                                             self.controlnet_conditioning_scale, 0.0))
+        set_("control_guidance_start", per_controlnet("control_guidance_start", self.control_guidance_start, 0.0, 1.0))
+        set_("control_guidance_end", per_controlnet("control_guidance_end", self.control_guidance_end, 0.0, 1.0))
+        starts, ends = self.control_guidance_start, self.control_guidance_end
+        if isinstance(starts, tuple) and isinstance(ends, tuple) and len(starts) != len(ends):
+            raise InvalidInputError(f"control_guidance_start has {len(starts)} entries and control_guidance_end "
+                                    f"{len(ends)}; give one per ControlNet")
+        for k, (start, end) in enumerate(zip(starts if isinstance(starts, tuple) else [starts] * 99,
+                                             ends if isinstance(ends, tuple) else [ends] * 99)):
+            if start >= end:
+                raise InvalidInputError(f"control_guidance_start {start} must be below control_guidance_end {end}"
+                                        + (f" (ControlNet {k})" if isinstance(starts, tuple) else ""))
+            if not isinstance(starts, tuple) and not isinstance(ends, tuple):
+                break
+        if not isinstance(self.guess_mode, (bool, np.bool_)):
+            raise InvalidInputError(f"guess_mode must be True or False, got {self.guess_mode!r}")
         set_("denoising_start", fraction("denoising_start", self.denoising_start))
         set_("denoising_end", fraction("denoising_end", self.denoising_end))
         if self.denoising_start is not None and self.denoising_end is not None \

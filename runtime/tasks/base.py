@@ -11,6 +11,10 @@ for every task in order, and each gets the run (sdrt.runtime.core.generate.Run):
     start(run, latents) -> latents  the initial latents (the first task, from None)
     model_input(run, i, x) -> x     the denoiser's sample at evaluation i (extra channels)
     step_inputs(run, i, x) -> dict  extra denoiser inputs at evaluation i, batched as the latents
+    call_inputs(run, i, x, conditioning, halves) -> dict
+                                    extra inputs of one denoiser call, batched as that call (the scheduler's
+                                    sample repeated per half; `halves`: the call's halves in row order,
+                                    loop.UNCOND / loop.COND): ControlNet residuals, which differ per half
     after_step(run, i, latents)     the latents after the solver step (inpainting's blend)
     finish(run, images) -> images   the decoded images (inpainting's paste-back)
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdrt.runtime.core import loop
 from sdrt.runtime.core.generate import check_size
 
 
@@ -42,6 +47,8 @@ class Task:
 
     def step_inputs(self, run, i: int, model_input: np.ndarray) -> dict:
         return {}
+
+    call_inputs = loop._no_call_inputs  # nothing: the loop then skips the hook (and the sample's copies)
 
     def after_step(self, run, i: int, latents: np.ndarray) -> np.ndarray:
         return latents

@@ -1,0 +1,137 @@
+"""ControlNet pipelines with diffusers' names and signatures: txt2img, img2img and inpainting for SD 1.x/2.x, and
+SDXL txt2img. Thin facades: the family and starting task of their plain counterparts plus the control task
+(sdrt.runtime.tasks.control), which any facade adds when it is opened with `controlnet=`:
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained("sd15-onnx", controlnet="canny-onnx")
+    pipe("a house", image=edges, controlnet_conditioning_scale=0.8, seed=1)
+    StableDiffusionControlNetPipeline.from_pretrained("sd15-onnx", controlnet=["canny-onnx", "depth-onnx"])
+
+A ControlNet folder is made by `sdrt export-controlnet` and checked against the base when opened.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sdrt.runtime.core.facade import Facade
+from sdrt.runtime.core.generate import PipelineOutput
+from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.families.sdxl import FAMILY as SDXL
+from sdrt.runtime.tasks.img2img import ImageToImage
+from sdrt.runtime.tasks.inpaint import Inpaint
+from sdrt.runtime.tasks.txt2img import TextToImage
+
+__all__ = ["StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
+           "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"]
+
+
+class _ControlNetFacade(Facade):
+    def __init__(self, folder, *args, controlnet=None, **kwargs):
+        if controlnet is None or (isinstance(controlnet, (list, tuple)) and not controlnet):
+            raise InvalidInputError(f"{type(self).__name__} needs controlnet=: an exported ControlNet folder "
+                                    "(sdrt export-controlnet) or a list of them")
+        super().__init__(folder, *args, controlnet=controlnet, **kwargs)
+
+    def _control_generate(self, arguments: dict) -> PipelineOutput:
+        arguments = dict(arguments)
+        if "image" in arguments and "control_image" not in arguments:  # txt2img: `image` is the control image
+            arguments["control_image"] = arguments.pop("image")
+        return self._generate(arguments)
+
+
+class StableDiffusionControlNetPipeline(_ControlNetFacade):
+    """SD 1.x / 2.x text-to-image with ControlNet(s)."""
+
+    task = TextToImage
+
+    def __call__(
+        self, prompt: str | Sequence[str], image=None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+        seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+        clip_skip: int | None = None, loras: dict | None = None,
+    ) -> PipelineOutput:
+        """image: the control image (edges, depth, pose...: PIL or HWC array, any mode), or a list of one per
+        ControlNet; resized to the output, whose size defaults to the (first) control image's, as diffusers.
+        controlnet_conditioning_scale, control_guidance_start/end: a number, or one per ControlNet; each
+        ControlNet acts at steps i with start <= i/N and (i+1)/N <= end. guess_mode: the ControlNets see the
+        conditional half only (their residuals ramped 0.1 -> 1). Others as StableDiffusionPipeline's."""
+        return self._control_generate(locals())
+
+
+class StableDiffusionControlNetImg2ImgPipeline(_ControlNetFacade):
+    """SD 1.x / 2.x image-to-image with ControlNet(s)."""
+
+    task = ImageToImage
+    needs_encoder = True
+
+    def __call__(
+        self, prompt: str | Sequence[str], image, control_image, strength: float = 0.8,
+        num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+        seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 0.8, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
+    ) -> PipelineOutput:
+        """image: the picture to start from; control_image: resized to its size. Note diffusers' default
+        controlnet_conditioning_scale here is 0.8. Others as StableDiffusionImg2ImgPipeline's and
+        StableDiffusionControlNetPipeline's."""
+        return self._control_generate(locals())
+
+
+class StableDiffusionControlNetInpaintPipeline(_ControlNetFacade):
+    """SD 1.x / 2.x inpainting (9- or 4-channel UNet) with ControlNet(s)."""
+
+    task = Inpaint
+    needs_encoder = True
+
+    def __call__(
+        self, prompt: str | Sequence[str], image, mask_image, control_image, strength: float = 1.0,
+        height: int | None = None, width: int | None = None, padding_mask_crop: int | None = None,
+        num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+        seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 0.5, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        guidance_interval: tuple[float, float] | None = None, clip_skip: int | None = None,
+        loras: dict | None = None,
+    ) -> PipelineOutput:
+        """As StableDiffusionInpaintPipeline, plus control_image (resized to the output). Note diffusers' default
+        controlnet_conditioning_scale here is 0.5."""
+        return self._control_generate(locals())
+
+
+class StableDiffusionXLControlNetPipeline(_ControlNetFacade):
+    """SDXL text-to-image with ControlNet(s) made for SDXL."""
+
+    family = SDXL
+    task = TextToImage
+
+    def __call__(
+        self, prompt: str | Sequence[str], prompt_2: str | Sequence[str] | None = None, image=None,
+        height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+        guidance_scale: float = 5.0, negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+        seed: int | None = None, generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+        clip_skip: int | None = None, loras: dict | None = None,
+    ) -> PipelineOutput:
+        """As StableDiffusionXLPipeline, plus the control arguments of StableDiffusionControlNetPipeline."""
+        return self._control_generate(locals())
