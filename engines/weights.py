@@ -155,6 +155,20 @@ class WeightFile:
         except Exception as e:  # a truncated or foreign file
             raise EngineError(f"could not read the ONNX graph {self.path}: {e}") from e
 
+    def read_each(self, names):
+        """(name, value) of each initializer in `names`, one at a time (the caller may keep or drop each)."""
+        _, numpy_helper = import_onnx()
+        names = set(names)
+        seen = set()
+        for tensor in self._load().graph.initializer:
+            if tensor.name in names:
+                seen.add(tensor.name)
+                yield tensor.name, self._read_external(tensor) if tensor.data_location == 1 \
+                    else numpy_helper.to_array(tensor).copy()
+        missing = sorted(names - seen)
+        if missing:
+            raise EngineError(f"{self.path} has no initializers {missing[:5]}")
+
     def read(self, names) -> dict[str, np.ndarray]:
         """The stored values of these initializers (external data read from its file, checked to lie in the
         model's folder)."""

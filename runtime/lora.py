@@ -158,33 +158,60 @@ class ModuleLora:
             raise LoraFileError(f"{path}: module {self.key} has tensors {sorted(self.tensors)}, an incomplete "
                                 f"{self.kind} (truncated or hand-edited file?)")
 
-    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The change to the weight (torch layout, `shape`), at scale 1: (alpha / rank) * up @ down and kin."""
-        t = {k: np.asarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+    def _factors(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+
+    def size(self) -> int:
+        """How many weights the change covers, from the factors' shapes alone (nothing multiplied)."""
+        t = self.tensors
+        if self.kind == "lora":
+            down, up = t["down"], t["up"]
+            kernel = t["mid"].shape[2:] if "mid" in t else ()
+            return int(up.shape[0] * np.prod(down.shape[1:]) * int(np.prod(kernel)))
+        if self.kind == "loha":
+            return int(t["w1a"].shape[0] * t["w1b"].shape[1])
+        w1 = t["k1"].shape if "k1" in t else (t["k1a"].shape[0], t["k1b"].shape[1])
+        w2 = t["k2"].shape if "k2" in t else (t["k2a"].shape[0], *t["k2b"].shape[1:])
+        return int(np.prod(w1) * np.prod(w2))
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        if self.size() != int(np.prod(shape)):
+            raise LoraFileError(f"module {self.key}: the LoRA changes {self.size()} weights, but the model's weight has "
+                                f"shape {tuple(shape)} ({int(np.prod(shape))}): a LoRA for another base model?")
+
+    def delta(self, shape: tuple[int, ...], scale: float = 1.0, transposed: bool = False) -> np.ndarray:
+        """scale * the change to the weight, float32: (alpha / rank) * up @ down and kin, in torch's layout
+        (`shape`), or its transpose (a linear weight as a MatMul holds it). The scale goes into the smallest
+        factor, so a plain LoRA costs one matrix product per module."""
+        self.check(shape)
+        t = self._factors()
         if self.kind == "lora":
             down, up = t["down"], t["up"]
             rank = down.shape[0]
+            s = np.float32(scale * (1.0 if self.alpha is None else self.alpha / rank))
+            up = up.reshape(up.shape[0], -1) * s
             if "mid" in t:  # LoCon with a CP-decomposed kernel: up [o, r], mid [r, r, kh, kw], down [r, i]
-                d = np.einsum("oa,abkl,bi->oikl", up.reshape(up.shape[0], -1), t["mid"], down.reshape(rank, -1))
+                d = np.einsum("oa,abkl,bi->oikl", up, t["mid"], down.reshape(rank, -1))
             elif down.ndim == 4 and (down.shape[2:] != (1, 1) or len(shape) == 4):  # conv: up is 1x1
-                d = np.einsum("or,rikl->oikl", up.reshape(up.shape[0], -1), down)
+                d = np.tensordot(up, down, axes=(1, 0))
+            elif transposed:
+                return down.reshape(rank, -1).T @ up.T  # [in, out], contiguous
             else:
-                d = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
+                d = up @ down.reshape(rank, -1)
         elif self.kind == "loha":
             rank = t["w1b"].shape[0]
-            d = (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"])
+            s = np.float32(scale * (1.0 if self.alpha is None else self.alpha / rank))
+            d = (t["w1a"] * s @ t["w1b"]) * (t["w2a"] @ t["w2b"])
         else:
             w1 = t["k1"] if "k1" in t else t["k1a"] @ t["k1b"]
             w2 = t["k2"] if "k2" in t else t["k2a"] @ t["k2b"].reshape(t["k2b"].shape[0], -1)
             rank = t["k1b"].shape[0] if "k1b" in t else t["k2b"].shape[0] if "k2b" in t else None
-            if len(shape) == 4 and w2.ndim == 2 and w2.size * w1.size == int(np.prod(shape)):
+            s = np.float32(scale * (1.0 if rank is None or self.alpha is None else self.alpha / rank))
+            if len(shape) == 4 and w2.ndim == 2:
                 w2 = w2.reshape(shape[0] // w1.shape[0], shape[1] // w1.shape[1], *shape[2:])
-            d = np.kron(w1.reshape(*w1.shape, *([1] * (w2.ndim - 2))), w2)
-        scale = 1.0 if rank is None or self.alpha is None else self.alpha / rank
-        if d.size != int(np.prod(shape)):
-            raise LoraFileError(f"module {self.key}: the LoRA makes a change of shape {tuple(d.shape)}, but the "
-                                f"model's weight has shape {tuple(shape)}: a LoRA for another base model?")
-        return d.reshape(shape) * np.float32(scale)
+            d = np.kron(w1.reshape(*w1.shape, *([1] * (w2.ndim - 2))) * s, w2)
+        d = d.reshape(shape)
+        return d.T if transposed else d
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -355,11 +382,10 @@ class LoraFile:
     def components(self) -> set[str]:
         return {m.component for m in self.modules}
 
-    def deltas(self, resolver: Resolver) -> dict[str, dict[str, np.ndarray]]:
-        """{component: {initializer: change in the initializer's layout, fp32, at scale 1}}; every module must
-        map to a weight of the right shape."""
-        unmapped = []
-        out: dict[str, dict[str, np.ndarray]] = {}
+    def targets(self, resolver: Resolver) -> list[tuple[str, "object", ModuleLora]]:
+        """(component, Target, module) for every module; each must map to a weight of the right size (checked from
+        the shapes, nothing computed), else the file is refused naming the first few that do not."""
+        unmapped, out = [], []
         for module in self.modules:
             if module.component not in resolver.targets:
                 unmapped.append(f"{module.key} ({module.component}: not in this folder)")
@@ -374,13 +400,10 @@ class LoraFile:
                     f"{self.path}: {module.key} changes {target_name}, whose weight the exported graph shares with "
                     "other modules (identical weights merged at export); re-export without weight sharing")
             try:
-                delta = module.delta(target.torch_shape)
+                module.check(target.torch_shape)
             except LoraFileError as e:
                 raise LoraFileError(f"{self.path}: {e}") from None
-            change = np.ascontiguousarray(delta.T if target.layout == "linear_t" else delta)
-            bucket = out.setdefault(module.component, {})
-            bucket[target.initializer] = bucket[target.initializer] + change if target.initializer in bucket \
-                else change
+            out.append((module.component, target, module))
         if unmapped:
             raise LoraFileError(
                 f"{self.path}: {len(unmapped)} of its {len(self.modules)} modules match no weight of this model "
