@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from sdrt.engines.errors import EngineError
-from sdrt.engines.spec import HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, NetworkSpec
+from sdrt.engines.spec import DOWNSCALES, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, NetworkSpec
 
 Range = tuple[int, int, int]
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -118,4 +118,11 @@ def dims_from_shapes(spec: NetworkSpec, shapes: Mapping[str, tuple[int, ...]]) -
             dims[pixel] = dims[latent] * f
         elif pixel in dims and latent not in dims:
             dims[latent] = dims[pixel] // f
+        if latent not in dims:
+            continue
+        for k in DOWNSCALES:  # the lower resolutions follow from the latent size (stride-2 convs round up)
+            axis, size = f"{latent}/{k}", -(-dims[latent] // k)
+            if dims.setdefault(axis, size) != size:
+                raise ProfileError(f"{spec.name}: axis {axis!r} is {dims[axis]}, but a {latent} of {dims[latent]} "
+                                   f"makes it {size}; the residuals must match the latents")
     return dims

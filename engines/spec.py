@@ -52,6 +52,19 @@ def residual_inputs(config: Mapping) -> list[TensorSpec]:
     return specs + [TensorSpec("mid_block_additional_residual", "float32", residual_shape(*mid))]
 
 
+RESIDUAL_PREFIXES = ("down_block_additional_residual_", "mid_block_additional_residual")
+
+
+def zero_residuals(spec: "NetworkSpec", batch: int, height: int, width: int) -> dict:
+    """Zeros for each ControlNet residual input of a UNet spec (none for a UNet without them): what the UNet is fed
+    without a ControlNet, an exact no-op (x + 0 = x). height/width in pixels."""
+    import numpy as np
+
+    dims = spec.dims(batch, height, width)
+    return {t.name: np.zeros(t.resolve(dims), dtype=np.float32)
+            for t in spec.inputs if t.name.startswith(RESIDUAL_PREFIXES)}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output: a name, a NumPy dtype name and a shape of fixed ints and named axes."""

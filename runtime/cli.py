@@ -256,7 +256,7 @@ def _engine_flags(args) -> dict:
     flags = {"cuda_graph": args.cuda_graph}
     if args.no_io_binding:
         flags["io_binding"] = False
-    if (args.lora or args.lora_dir) and args.provider.lower() in ("tensorrt", "trt"):
+    if (getattr(args, "lora", None) or getattr(args, "lora_dir", None)) and args.provider.lower() in ("tensorrt", "trt"):
         flags["refit"] = True  # LoRA weights reach native TensorRT plans by refitting them
     return flags
 

@@ -30,13 +30,20 @@ def count(model, op_type) -> int:
     return sum(n.op_type == op_type for n in model.graph.node)
 
 
+def axis(dims, name) -> int:
+    if "/" in name:  # a UNet's lower resolutions ("latent_height/2"): stride-2 convs round up
+        base, k = name.split("/")
+        return -(-dims[base] // int(k))
+    return dims[name]
+
+
 def feeds(folder, name):
     spec = json.loads((folder / "sdrt.json").read_text())["components"][name]["spec"]
     for seed, dims in enumerate(SHAPES):
         rng = np.random.default_rng(seed)
         feed = {}
         for t in spec["inputs"]:
-            shape = tuple(d if isinstance(d, int) else dims[d] for d in t["shape"])
+            shape = tuple(d if isinstance(d, int) else axis(dims, d) for d in t["shape"])
             if t["name"] == "timestep":
                 feed[t["name"]] = rng.integers(0, 1000, shape).astype(np.float32)
             else:

@@ -15,6 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 from golden_cases import mask, picture  # noqa: E402
 from reference import load_pipes, reference  # noqa: E402
 
+from sdrt.engines.spec import zero_residuals  # noqa: E402
 from sdrt.runtime.cli import main  # noqa: E402
 from sdrt.runtime.config import ModelFolder  # noqa: E402
 from sdrt.runtime.core.generate import Generator  # noqa: E402
@@ -212,7 +213,8 @@ def test_an_interval_starting_late_matches_a_hand_built_loop(exported):
 
         def predict(half):
             return pipe.unet.run({"sample": x, "timestep": np.full((1,), t, np.float32),
-                                  "encoder_hidden_states": embeds[half:half + 1]})["out_sample"]
+                                  "encoder_hidden_states": embeds[half:half + 1],
+                                  **zero_residuals(pipe.unet.spec, 1, 64, 64)})["out_sample"]
         cond = predict(1)
         pred = cond if i < 2 else (lambda u: u + np.float32(6.0) * (cond - u))(predict(0))
         latents, state = pipe.scheduler.step(plan, i, pred, latents, state, None)

@@ -82,7 +82,9 @@ def test_io_binding_uploads_the_conditioning_once_per_generation(exported, monke
         assert all(isinstance(value, ort.OrtValue) for value in conditioning)
         assert len({id(value) for value in conditioning}) == calls_per_step  # the same device values every step
         assert all(isinstance(feed["sample"], np.ndarray) for feed in feeds)  # the sample still goes per step
-        assert sum(runner is pipe.unet._runner for runner in uploads) == calls_per_step  # not one per step
+        # Once per generation for each constant input (the conditioning, zero ControlNet residuals), not per step.
+        constant = len(pipe.unet.spec.inputs) - 2  # all but sample and timestep
+        assert sum(runner is pipe.unet._runner for runner in uploads) == calls_per_step * constant
 
 
 def test_without_io_binding_the_loop_feeds_host_arrays(exported):
@@ -128,7 +130,9 @@ def test_fixed_buffers_keep_their_addresses_and_take_the_conditioning_when_it_ch
     assert copies["sample"] == copies["timestep"] == calls
     # Batched: one conditioning per generation, copied in once. Sequential: the halves take turns in one buffer.
     assert copies["encoder_hidden_states"] == (calls if cfg_mode == "sequential" else generations)
-    assert runner.binding.bound == {"sample": 1, "timestep": 1, "encoder_hidden_states": 1}  # one address each
+    residuals = [t.name for t in pipe.unet.spec.inputs if "residual" in t.name]
+    assert residuals and all(copies[name] == copies["encoder_hidden_states"] for name in residuals)
+    assert runner.binding.bound == {t.name: 1 for t in pipe.unet.spec.inputs}  # one address each
     assert pipe.unet._other_shapes is None
 
 
@@ -138,7 +142,9 @@ def test_fixed_buffers_refuse_an_ortvalue_at_a_new_address(exported):
     folder = ModelFolder.open(exported["sd1"])
     engine = OrtEngine(folder.onnx_path("unet"), folder.spec("unet"), fixed_shapes=True)
     rng = np.random.default_rng(0)
-    feed = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.ones(2, np.float32)}
+    spec = folder.spec("unet")
+    feed = {t.name: np.zeros(t.resolve(spec.dims(2, 64, 64)), np.float32) for t in spec.inputs}
+    feed.update(sample=rng.standard_normal((2, 4, 8, 8), dtype=np.float32), timestep=np.ones(2, np.float32))
     embeds = rng.standard_normal((2, 77, 32), dtype=np.float32)
     engine.run({**feed, "encoder_hidden_states": engine.to_device(embeds)})
     with pytest.raises(EngineError, match="moved to another device address"):

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from sdrt.engines.files import sha256_file
 from sdrt.engines.onnxruntime import OrtEngine
 from sdrt.engines.spec import spec_for
+from sdrt.export.api import exported_config
 from sdrt.export.checkpoint import load_module, open_checkpoint
 from sdrt.export.trace import sample_inputs, wrap
 
@@ -43,7 +44,14 @@ def test_onnx_names_follow_optimum(exported, flavour):
     assert names["text_encoder"] == (["input_ids"], ["last_hidden_state", "pooler_output",
                                                      *(f"normed_hidden_states.{i}" for i in range(layers))])
     assert layers == json.loads((exported[flavour] / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
-    assert names["unet"] == (["sample", "timestep", "encoder_hidden_states"], ["out_sample"])
+    # optimum's three inputs; then a ControlNet's residuals (conv_in, each layer of each down block, each block's
+    # downsampler but the last's; then the mid block), fed zeros without one
+    config = json.loads((exported[flavour] / "unet" / "config.json").read_text())
+    blocks = len(config["block_out_channels"])
+    down = 1 + blocks * config["layers_per_block"] + blocks - 1
+    assert names["unet"] == (["sample", "timestep", "encoder_hidden_states",
+                              *(f"down_block_additional_residual_{i}" for i in range(down)),
+                              "mid_block_additional_residual"], ["out_sample"])
     assert names["vae_decoder"] == (["latent_sample"], ["sample"])
     assert names["vae_encoder"] == (["sample"], ["latent_parameters"])
 
@@ -73,8 +81,8 @@ def test_onnx_matches_torch_at_unseen_shape(checkpoints, exported, flavour, comp
     """Batch 3 and a non-square 64x96 image: neither is a shape the export or its gate used."""
     ckpt = open_checkpoint(checkpoints[flavour])
     vae_config = ckpt.config("vae")
-    spec = spec_for(component, ckpt.config(SOURCE[component]), vae_config=vae_config)
-    module = wrap(component, load_module(ckpt, SOURCE[component]))
+    spec = spec_for(component, exported_config(component, ckpt), vae_config=vae_config)
+    module = wrap(component, load_module(ckpt, SOURCE[component]), spec)  # random residuals for a UNet
     dims = spec.dims(3, 64, 96, sequence=77)
     example = sample_inputs(spec, dims, seed=123)
     with torch.no_grad():

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sdrt.engines.spec import zero_residuals as spec_zero_residuals
 from sdrt.runtime import image as imageio
 from sdrt.runtime import memory
 from sdrt.runtime.adapters import Adapters
@@ -86,20 +87,13 @@ def check_size(folder: ModelFolder, height, width, subject: str = "") -> None:
             )
 
 
-RESIDUAL_PREFIXES = ("down_block_additional_residual_", "mid_block_additional_residual")
-
-
 def zero_residuals(run: Run) -> dict:
     """Zeros for a UNet's ControlNet residual inputs when no task gives residuals (an exact no-op: x + 0 = x),
     batched as the conditioning; constant, so they go to the device once per generation with it."""
     if any(getattr(task, "gives_residuals", False) for task in run.tasks):
         return {}
-    spec = run.folder.spec("unet")
-    inputs = [t for t in spec.inputs if t.name.startswith(RESIDUAL_PREFIXES)]
-    if not inputs:
-        return {}
-    dims = spec.dims(len(run.conditioning["encoder_hidden_states"]), run.height, run.width)
-    return {t.name: np.zeros(t.resolve(dims), dtype=np.float32) for t in inputs}
+    batch = len(run.conditioning["encoder_hidden_states"])
+    return spec_zero_residuals(run.folder.spec("unet"), batch, run.height, run.width)
 
 
 class Generator:
