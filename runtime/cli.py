@@ -30,11 +30,21 @@ def _interval(text: str) -> tuple[float, float]:
             from None
 
 
+def _canny(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in text.split(","))
+        return low, high
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like LOW,HIGH (integers, e.g. 100,200), got {text!r}") from None
+
+
 # The Python API's argument names -> the options that set them, for messages (InvalidInputError names the former).
 OPTIONS = {"clip_skip": "--clip-skip", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
            "num_images_per_prompt": "--num-images", "negative_prompt_2": "--negative-2", "negative_prompt": "--negative",
            "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac",
-           "loras": "--lora"}
+           "loras": "--lora", "controlnet_conditioning_scale": "--control-scale",
+           "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
+           "control_image": "--control-image", "guess_mode": "--guess-mode"}
 
 
 def _in_cli_terms(message: str) -> str:
@@ -86,6 +96,18 @@ def cmd_export_taesd(args) -> int:
             "pip install torch==2.13.0 && pip install 'sdrt[export]'"
         ) from e
     export_taesd(args.source, args.folder, opset=args.opset, force=args.force, encoder=not args.decoder_only)
+    return 0
+
+
+def cmd_export_controlnet(args) -> int:
+    try:
+        from sdrt.export.controlnet import export_controlnet
+    except ImportError as e:
+        raise SdrtError(
+            f"sdrt export-controlnet needs the export extra ({e.name} is not installed): "
+            "pip install torch==2.13.0 && pip install 'sdrt[export]'"
+        ) from e
+    export_controlnet(args.source, args.output, opset=args.opset, force=args.force, log=print)
     return 0
 
 
@@ -151,6 +173,52 @@ def _loras(args) -> tuple[str, dict]:
     return prompt, loras
 
 
+def _control(args) -> tuple[dict, dict]:
+    """--controlnet/--control-image/--control-scale/--control-start/--control-end/--guess-mode/--canny as
+    (pipeline options, call arguments); both empty without --controlnet. Checked before anything is opened."""
+    from sdrt.runtime.errors import InvalidInputError
+
+    nets = args.controlnet or []
+    if not nets:
+        given = [flag for flag, value in (("--control-image", args.control_image), ("--control-scale",
+                 args.control_scale), ("--control-start", args.control_start), ("--control-end", args.control_end),
+                 ("--guess-mode", args.guess_mode), ("--canny", args.canny)) if value]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with "
+                                    "--controlnet FOLDER (an export of sdrt export-controlnet)")
+        return {}, {}
+    if args.refiner is not None:
+        raise InvalidInputError("--controlnet does not combine with --refiner (the refiner has no ControlNet); "
+                                "leave one out")
+    images = args.control_image or []
+    if len(images) not in (1, len(nets)):
+        raise InvalidInputError(f"{len(nets)} --controlnet take {len(nets)} --control-image (one per ControlNet, "
+                                f"in the same order; or one for all), got {len(images)}")
+    call = {}
+    for flag, key, values in (("--control-scale", "controlnet_conditioning_scale", args.control_scale),
+                              ("--control-start", "control_guidance_start", args.control_start),
+                              ("--control-end", "control_guidance_end", args.control_end)):
+        if not values:
+            continue
+        if len(values) not in (1, len(nets)):
+            raise InvalidInputError(f"{flag} was given {len(values)} times for {len(nets)} --controlnet: give it "
+                                    "once (for all) or once per ControlNet")
+        call[key] = values[0] if len(values) == 1 else list(values)
+    pictures = [_read_picture(path, "--control-image") for path in images]
+    if args.canny_thresholds is not None and not args.canny:
+        raise InvalidInputError("--canny-thresholds applies only with --canny")
+    if args.canny:
+        from sdrt.runtime.control import canny
+
+        low, high = args.canny_thresholds or (100, 200)
+        pictures = [canny(picture, low, high) for picture in pictures]
+    pictures = pictures * len(nets) if len(pictures) == 1 else pictures
+    call["control_image"] = pictures[0] if len(nets) == 1 else pictures
+    if args.guess_mode:
+        call["guess_mode"] = True
+    return {"controlnet": list(nets)}, call
+
+
 def cmd_generate(args) -> int:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.errors import InvalidInputError
@@ -170,6 +238,9 @@ def cmd_generate(args) -> int:
             common[name] = value
     if args.refiner is None and args.high_noise_frac is not None:
         raise InvalidInputError("--high-noise-frac applies only with --refiner (where the base hands over)")
+    control_options, control_call = _control(args)
+    if control_options:
+        from sdrt.runtime.controlnet import control_pipeline
     if args.image is None:
         if args.strength is not None:
             raise InvalidInputError("--strength applies only with --image (img2img)")
@@ -177,12 +248,17 @@ def cmd_generate(args) -> int:
             raise InvalidInputError("--mask applies only with --image, the picture to inpaint")
         from sdrt.runtime.families import text_to_image_pipeline
 
-        pipe = text_to_image_pipeline(args.folder, provider=args.provider, scheduler=args.scheduler,
-                                      allow_fallback=args.allow_fallback, vae=args.vae, **_memory_options(args),
-                                      **_engine_flags(args), **_prompt_options(args))
+        options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
+                       vae=args.vae, **_memory_options(args), **_engine_flags(args), **_prompt_options(args))
+        if control_options:  # the control image goes as image=, diffusers' name in ControlNet txt2img
+            pipe = control_pipeline(args.folder, "txt2img", **options, **control_options)
+            control_call["image"] = control_call.pop("control_image")
+        else:
+            pipe = text_to_image_pipeline(args.folder, **options)
         width, height = args.size if args.size else (None, None)
         if args.refiner is None:
-            result = pipe(args.prompt, height=height, width=width, **common, **_second_prompts(args, pipe))
+            result = pipe(args.prompt, height=height, width=width, **common, **control_call,
+                          **_second_prompts(args, pipe))
         else:
             from sdrt.runtime.families import image_to_image_pipeline
 
@@ -199,9 +275,14 @@ def cmd_generate(args) -> int:
                        vae=args.vae, **_memory_options(args), **_engine_flags(args), **_prompt_options(args))
         strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
         factory, mask_arg = (image_to_image_pipeline, ()) if mask is None else (inpaint_pipeline, (mask,))
-        pipe = factory(args.folder, **options)
+        if control_options:
+            pipe = control_pipeline(args.folder, "img2img" if mask is None else "inpaint", **options,
+                                    **control_options)
+        else:
+            pipe = factory(args.folder, **options)
         if args.refiner is None:
-            result = pipe(args.prompt, picture, *mask_arg, **strength, **common, **_second_prompts(args, pipe))
+            result = pipe(args.prompt, picture, *mask_arg, **strength, **common, **control_call,
+                          **_second_prompts(args, pipe))
         else:  # the refiner takes the base's latents, with the same mask
             result = _base_and_refiner(args, pipe, (picture, *mask_arg), strength, common, factory, mask_arg)
     out = Path(args.output)
@@ -388,6 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-dir", default=None,
                    help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (the tags are removed "
                         "from the prompt)")
+    g.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
+                   help="guide the layout with a ControlNet exported by sdrt export-controlnet (checked against the "
+                        "base); repeatable, one --control-image each")
+    g.add_argument("--control-image", action="append", default=None, metavar="PICTURE",
+                   help="the ControlNet's control image (edges, depth, pose, segmentation...), resized to the output; "
+                        "txt2img's size defaults to it; repeatable, in --controlnet order (one image serves all)")
+    g.add_argument("--control-scale", type=float, action="append", default=None, metavar="SCALE",
+                   help="ControlNet strength (default: the pipeline's, as diffusers: 1.0; img2img 0.8; inpainting "
+                        "0.5); once for all, or once per --controlnet")
+    g.add_argument("--control-start", type=float, action="append", default=None, metavar="FRACTION",
+                   help="the share of the steps after which the ControlNet starts acting (default 0)")
+    g.add_argument("--control-end", type=float, action="append", default=None, metavar="FRACTION",
+                   help="the share of the steps after which it stops (default 1)")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode: the ControlNets see the prompt's half only, with residuals ramped "
+                        "from 0.1 to 1 (recognises the content without a prompt; use guidance 3-5)")
+    g.add_argument("--canny", action="store_true",
+                   help="turn each --control-image into canny edges first (OpenCV: pip install 'sdrt[control]')")
+    g.add_argument("--canny-thresholds", type=_canny, default=None, metavar="LOW,HIGH",
+                   help="with --canny: the hysteresis thresholds (default 100,200, as controlnet_aux)")
     g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
@@ -466,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-only", action="store_true", help="skip the encoder (img2img with --vae taesd needs it)")
     t.add_argument("--force", action="store_true", help="replace a tiny VAE the folder already has")
     t.set_defaults(func=cmd_export_taesd)
+
+    c = sub.add_parser("export-controlnet", help="export a diffusers ControlNetModel folder to a validated ONNX "
+                       "folder, for sdrt generate --controlnet (needs sdrt[export])")
+    c.add_argument("source", help="a diffusers ControlNetModel folder (config.json + "
+                   "diffusion_pytorch_model.safetensors), e.g. a download of lllyasviel/sd-controlnet-canny")
+    c.add_argument("output", help="the folder to create")
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    c.set_defaults(func=cmd_export_controlnet)
 
     i = sub.add_parser("info", help="describe an exported folder and verify its files")
     i.add_argument("folder")

@@ -24,7 +24,7 @@ from sdrt.runtime.tasks.inpaint import Inpaint
 from sdrt.runtime.tasks.txt2img import TextToImage
 
 __all__ = ["StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
-           "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"]
+           "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "control_pipeline"]
 
 
 class _ControlNetFacade(Facade):
@@ -135,3 +135,26 @@ class StableDiffusionXLControlNetPipeline(_ControlNetFacade):
     ) -> PipelineOutput:
         """As StableDiffusionXLPipeline, plus the control arguments of StableDiffusionControlNetPipeline."""
         return self._control_generate(locals())
+
+
+def control_pipeline(path, task: str = "txt2img", verify: str = "size", **options):
+    """Open the base folder `path` with the ControlNet pipeline of its family for `task` ("txt2img", "img2img",
+    "inpaint"); options go to the constructor (controlnet= among them). SDXL runs txt2img only (diffusers' SDXL
+    ControlNet img2img/inpaint pipelines have no sdrt facade yet): refused by name, as are LCM folders."""
+    from sdrt.runtime.config import ModelFolder
+    from sdrt.runtime.errors import UnsupportedConfigError
+    from sdrt.runtime.families import family_name
+
+    classes = {
+        ("stable-diffusion", "txt2img"): StableDiffusionControlNetPipeline,
+        ("stable-diffusion", "img2img"): StableDiffusionControlNetImg2ImgPipeline,
+        ("stable-diffusion", "inpaint"): StableDiffusionControlNetInpaintPipeline,
+        ("stable-diffusion-xl", "txt2img"): StableDiffusionXLControlNetPipeline,
+    }
+    folder = ModelFolder.open(path, verify=verify)
+    family = family_name(folder)
+    if (family, task) not in classes:
+        runs = ", ".join(f"{f} {t}" for f, t in classes)
+        raise UnsupportedConfigError(f"ControlNet with a {family} folder for {task} is not supported ({folder.path}); "
+                                     f"sdrt runs ControlNets for: {runs}")
+    return classes[family, task](folder, **options)
