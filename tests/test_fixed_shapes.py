@@ -20,11 +20,13 @@ def unet_spec(folder) -> NetworkSpec:
     return ModelFolder.open(folder).spec("unet")
 
 
-def unet_feed(batch=2, size=8, seed=0) -> dict:
+def unet_feed(spec: NetworkSpec, batch=2, size=8, seed=0) -> dict:
+    """Random inputs for the tiny UNet, its ControlNet residuals included (random too: they must flow through)."""
     rng = np.random.default_rng(seed)
-    return {"sample": rng.standard_normal((batch, 4, size, size), dtype=np.float32),
-            "timestep": np.full((batch,), 500.0, np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
+    dims = spec.dims(batch, size * spec.vae_scale_factor, size * spec.vae_scale_factor)
+    feed = {t.name: rng.standard_normal(t.resolve(dims), dtype=np.float32) for t in spec.inputs}
+    feed["timestep"] = np.full((batch,), 500.0, np.float32)
+    return feed
 
 
 def op_counts(path) -> Counter:
@@ -40,21 +42,22 @@ def test_fixed_session_folds_the_shape_arithmetic_and_matches(exported, tmp_path
                       options=SessionOptions(optimized_model_path=str(tmp_path / "fixed.onnx")))
     assert fixed.input_dtypes == dynamic.input_dtypes  # from the spec, before any session exists
     assert not fixed.loaded
-    feed = unet_feed()
+    feed = unet_feed(spec)
     np.testing.assert_array_equal(fixed.run(feed)["out_sample"], dynamic.run(feed)["out_sample"])
-    assert [i.shape for i in fixed._session.get_inputs()] == [[2, 4, 8, 8], [2], [2, 77, 32]]
+    assert [i.shape for i in fixed._session.get_inputs()] == [list(v.shape) for v in feed.values()]
     assert op_counts(tmp_path / "dynamic.onnx")["Shape"] > 0
     assert op_counts(tmp_path / "fixed.onnx")["Shape"] == 0
 
 
 def test_fixed_session_made_once_even_when_metadata_was_read_first(exported):
     path = exported["sd1"] / "unet" / "model.onnx"
-    fixed = OrtEngine(path, unet_spec(exported["sd1"]), fixed_shapes=True)
+    spec = unet_spec(exported["sd1"])
+    fixed = OrtEngine(path, spec, fixed_shapes=True)
     assert fixed.output_names == ["out_sample"]  # loads a session without overrides
-    fixed.run(unet_feed())
+    fixed.run(unet_feed(spec))
     assert [i.shape for i in fixed._session.get_inputs()][0] == [2, 4, 8, 8]  # made again, with the sizes
     session = fixed._session
-    fixed.run(unet_feed(seed=1))
+    fixed.run(unet_feed(spec, seed=1))
     assert fixed._session is session
 
 
@@ -62,8 +65,8 @@ def test_other_shapes_run_dynamic_and_release_unfixes(exported):
     path = exported["sd1"] / "unet" / "model.onnx"
     spec = unet_spec(exported["sd1"])
     fixed, dynamic = OrtEngine(path, spec, fixed_shapes=True), OrtEngine(path, spec)
-    fixed.run(unet_feed(batch=2, size=8))
-    other = unet_feed(batch=1, size=16)
+    fixed.run(unet_feed(spec, batch=2, size=8))
+    other = unet_feed(spec, batch=1, size=16)
     with pytest.warns(RuntimeWarning, match="differ from the fixed ones"):
         got = fixed.run(other)["out_sample"]
     np.testing.assert_array_equal(got, dynamic.run(other)["out_sample"])

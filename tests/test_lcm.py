@@ -87,7 +87,9 @@ def test_export_records_the_family_and_the_timestep_cond_input(lcm_folder):
     manifest = json.loads((lcm_folder / "sdrt.json").read_text())
     assert manifest["family"] == "latent-consistency"
     inputs = [t["name"] for t in manifest["components"]["unet"]["spec"]["inputs"]]
-    assert inputs == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    assert [n for n in inputs if "residual" not in n] == ["sample", "timestep", "encoder_hidden_states",
+                                                          "timestep_cond"]
+    assert inputs[-1] == "mid_block_additional_residual"  # and a ControlNet's residuals, zeros without one
     assert manifest["validation"]["unet"]["passed"]
     folder = ModelFolder.open(lcm_folder)
     assert folder.family == "latent-consistency" and folder.scheduler_config["_class_name"] == "LCMScheduler"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdrt.engines.spec import zero_residuals
 from sdrt.runtime.cli import main
 from sdrt.runtime.core import loop
 from sdrt.runtime.core.generate import Run
@@ -155,7 +156,8 @@ def test_sequential_cfg_splits_extra_unet_inputs_like_the_embeddings(exported):
     embeds = pipe.core.family.conditioning(run)["encoder_hidden_states"]
     time_ids = np.arange(2 * batch * 6, dtype=np.float32).reshape(2 * batch, 6)  # rows 0-1 negative, 2-3 positive
     run.plan = pipe.scheduler.plan(2)
-    run.conditioning = {"encoder_hidden_states": embeds, "time_ids": time_ids}
+    run.conditioning = {"encoder_hidden_states": embeds, "time_ids": time_ids,
+                        **zero_residuals(pipe.folder.spec("unet"), 2 * batch, 64, 64)}
     latents = np.random.default_rng(0).standard_normal((batch, 4, 8, 8)).astype(np.float32)
     out = loop.denoise(run, latents)
     negative, positive = recorder.calls[0]["feed"], recorder.calls[1]["feed"]

@@ -90,8 +90,10 @@ def test_export_writes_both_encoders_with_optimum_names(xl_exported):
         outputs = [o.name for o in onnx.load(str(folder / component / "model.onnx")).graph.output]
         assert outputs == ["last_hidden_state", pooled] + [f"hidden_states.{i}" for i in range(layers + 1)]
     unet = onnx.load(str(folder / "unet" / "model.onnx"))
-    assert [i.name for i in unet.graph.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
-                                                 "time_ids"]
+    names = [i.name for i in unet.graph.input]
+    assert names[:5] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert names[5:] == [t.name for t in ModelFolder.open(folder).spec("unet").inputs[5:]]  # ControlNet residuals
+    assert names[-1] == "mid_block_additional_residual"
     config = json.loads((folder / "unet" / "config.json").read_text())
     assert config["text_encoder_projection_dim"] == 24 and config["requires_aesthetics_score"] is False
     assert ModelFolder.open(xl_exported["aesthetic"]).spec("unet").input("time_ids").shape == ("batch", 5)
