@@ -182,7 +182,8 @@ def _control(args) -> tuple[dict, dict]:
     if not nets:
         given = [flag for flag, value in (("--control-image", args.control_image), ("--control-scale",
                  args.control_scale), ("--control-start", args.control_start), ("--control-end", args.control_end),
-                 ("--guess-mode", args.guess_mode), ("--canny", args.canny)) if value]
+                 ("--guess-mode", args.guess_mode), ("--canny", args.canny),
+                 ("--alternate-controlnet", args.alternate_controlnet)) if value]
         if given:
             raise InvalidInputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with "
                                     "--controlnet FOLDER (an export of sdrt export-controlnet)")
@@ -216,7 +217,13 @@ def _control(args) -> tuple[dict, dict]:
     call["control_image"] = pictures[0] if len(nets) == 1 else pictures
     if args.guess_mode:
         call["guess_mode"] = True
-    return {"controlnet": list(nets)}, call
+    options = {"controlnet": list(nets)}
+    if args.alternate_controlnet:
+        if not args.low_memory:
+            raise InvalidInputError("--alternate-controlnet applies with --low-memory (it makes the ControlNets and "
+                                    "the UNet take turns in memory)")
+        options["alternate_controlnet"] = True
+    return options, call
 
 
 def cmd_generate(args) -> int:
@@ -485,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: the ControlNets see the prompt's half only, with residuals ramped "
                         "from 0.1 to 1 (recognises the content without a prompt; use guidance 3-5)")
+    g.add_argument("--alternate-controlnet", action="store_true",
+                   help="with --low-memory: the ControlNets and the UNet take turns in memory at every UNet call "
+                        "(the lowest peak; each network is reloaded every step, much slower). By default "
+                        "--low-memory keeps the ControlNets beside the UNet during denoising")
     g.add_argument("--canny", action="store_true",
                    help="turn each --control-image into canny edges first (OpenCV: pip install 'sdrt[control]')")
     g.add_argument("--canny-thresholds", type=_canny, default=None, metavar="LOW,HIGH",

@@ -1,5 +1,5 @@
-"""ControlNet pipelines with diffusers' names and signatures: txt2img, img2img and inpainting for SD 1.x/2.x, and
-SDXL txt2img. Thin facades: the family and starting task of their plain counterparts plus the control task
+"""ControlNet pipelines with diffusers' names and signatures: txt2img, img2img and inpainting for SD 1.x/2.x and
+SDXL. Thin facades: the family and starting task of their plain counterparts plus the control task
 (sdrt.runtime.tasks.control), which any facade adds when it is opened with `controlnet=`:
 
     pipe = StableDiffusionControlNetPipeline.from_pretrained("sd15-onnx", controlnet="canny-onnx")
@@ -24,7 +24,8 @@ from sdrt.runtime.tasks.inpaint import Inpaint
 from sdrt.runtime.tasks.txt2img import TextToImage
 
 __all__ = ["StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
-           "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "control_pipeline"]
+           "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+           "StableDiffusionXLControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline", "control_pipeline"]
 
 
 class _ControlNetFacade(Facade):
@@ -137,10 +138,67 @@ class StableDiffusionXLControlNetPipeline(_ControlNetFacade):
         return self._control_generate(locals())
 
 
+class StableDiffusionXLControlNetImg2ImgPipeline(_ControlNetFacade):
+    """SDXL image-to-image with ControlNet(s) made for SDXL (also the refiner's aesthetic-score conditioning)."""
+
+    family = SDXL
+    task = ImageToImage
+    needs_encoder = True
+
+    def __call__(
+        self, prompt: str | Sequence[str], image, control_image, strength: float = 0.8,
+        prompt_2: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None, num_inference_steps: int = 50,
+        guidance_scale: float = 5.0, num_images_per_prompt: int = 1, eta: float = 0.0, seed: int | None = None,
+        generator=None, rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 0.8, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5, guidance_interval: tuple[float, float] | None = None,
+        clip_skip: int | None = None, loras: dict | None = None,
+    ) -> PipelineOutput:
+        """As StableDiffusionXLImg2ImgPipeline, plus the control arguments (diffusers' defaults here: strength
+        0.8, controlnet_conditioning_scale 0.8). The output has the picture's size and the control image is
+        resized to it (diffusers sizes both by the control image: the same when they match)."""
+        return self._control_generate(locals())
+
+
+class StableDiffusionXLControlNetInpaintPipeline(_ControlNetFacade):
+    """SDXL inpainting (4- or 9-channel UNet) with ControlNet(s) made for SDXL."""
+
+    family = SDXL
+    task = Inpaint
+    needs_encoder = True
+
+    def __call__(
+        self, prompt: str | Sequence[str], image, mask_image, control_image, strength: float = 0.9999,
+        prompt_2: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None, height: int | None = None, width: int | None = None,
+        padding_mask_crop: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1, eta: float = 0.0, seed: int | None = None, generator=None,
+        rng: str = "torch", output_type: str = "pil",
+        callback: Callable[[int, float, np.ndarray], Any] | None = None, progress: bool = False,
+        controlnet_conditioning_scale: float | list[float] = 1.0, guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+        original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5, guidance_interval: tuple[float, float] | None = None,
+        clip_skip: int | None = None, loras: dict | None = None,
+    ) -> PipelineOutput:
+        """As StableDiffusionXLInpaintPipeline, plus control_image (resized to the output) and the control
+        arguments (diffusers' defaults here: strength 0.9999, guidance 5.0, controlnet_conditioning_scale 1.0)."""
+        return self._control_generate(locals())
+
+
 def control_pipeline(path, task: str = "txt2img", verify: str = "size", **options):
     """Open the base folder `path` with the ControlNet pipeline of its family for `task` ("txt2img", "img2img",
-    "inpaint"); options go to the constructor (controlnet= among them). SDXL runs txt2img only (diffusers' SDXL
-    ControlNet img2img/inpaint pipelines have no sdrt facade yet): refused by name, as are LCM folders."""
+    "inpaint"); options go to the constructor (controlnet= among them). LCM folders are refused by name."""
     from sdrt.runtime.config import ModelFolder
     from sdrt.runtime.errors import UnsupportedConfigError
     from sdrt.runtime.families import family_name
@@ -150,6 +208,8 @@ def control_pipeline(path, task: str = "txt2img", verify: str = "size", **option
         ("stable-diffusion", "img2img"): StableDiffusionControlNetImg2ImgPipeline,
         ("stable-diffusion", "inpaint"): StableDiffusionControlNetInpaintPipeline,
         ("stable-diffusion-xl", "txt2img"): StableDiffusionXLControlNetPipeline,
+        ("stable-diffusion-xl", "img2img"): StableDiffusionXLControlNetImg2ImgPipeline,
+        ("stable-diffusion-xl", "inpaint"): StableDiffusionXLControlNetInpaintPipeline,
     }
     folder = ModelFolder.open(path, verify=verify)
     family = family_name(folder)

@@ -21,7 +21,8 @@ from sdrt.export.fixtures_controlnet import save_tiny_controlnet  # noqa: E402
 from sdrt.runtime.cli import main  # noqa: E402
 from sdrt.runtime.controlnet import (  # noqa: E402
     StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, control_pipeline)
+    StableDiffusionControlNetPipeline, StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetPipeline, control_pipeline)
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError  # noqa: E402
 from sdrt.runtime.pipeline import StableDiffusionPipeline  # noqa: E402
 
@@ -190,13 +191,44 @@ def test_sdxl_matches_diffusers(tiny, nets):
     np.testing.assert_allclose(pipe(image=control, seed=SEED, **KW, **options).images, expected, atol=1e-4)
 
 
-def test_low_memory_gives_the_same_image(exported, nets):
+def test_sdxl_img2img_and_inpainting_match_diffusers(tiny, nets):
+    start, control = picture(seed=17), picture(seed=18)
+    ck = tiny.checkpoint("xl-base")
+    expected = reference(diffusers.StableDiffusionXLControlNetImg2ImgPipeline, ck, nets["xl"][0])(
+        image=start, control_image=control, strength=0.6, generator=seeded(), **KW).images
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny["xl-base"], controlnet=nets["xl"][1])
+    np.testing.assert_allclose(pipe(image=start, control_image=control, strength=0.6, seed=SEED, **KW).images,
+                               expected, atol=1e-4)
+    expected = reference(diffusers.StableDiffusionXLControlNetInpaintPipeline, ck, nets["xl"][0])(
+        image=start, mask_image=mask(), control_image=control, generator=seeded(), **KW).images
+    pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(tiny["xl-base"], controlnet=nets["xl"][1])
+    np.testing.assert_allclose(pipe(image=start, mask_image=mask(), control_image=control, seed=SEED, **KW).images,
+                               expected, atol=1e-4)
+
+
+def test_low_memory_gives_the_same_image_and_can_alternate_the_networks(exported, nets, monkeypatch):
+    """Low-memory mode keeps the ControlNet beside the UNet during the loop and releases both after it; with
+    alternate_controlnet they take turns every call (one network in memory at a time)."""
+    from sdrt.runtime import memory
+
     control = picture(seed=10)
     kw = dict(image=control, seed=SEED, **KW, controlnet_conditioning_scale=0.9)
     normal = StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=nets["sd1"][1])(**kw)
-    lean = StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=nets["sd1"][1],
-                                                             low_memory=True)(**kw)
-    np.testing.assert_allclose(lean.images, normal.images, atol=1e-5)
+    released, release = [], memory.release
+    monkeypatch.setattr(memory, "release", lambda engine: released.append(engine) or release(engine))
+    for alternate in (False, True):
+        released.clear()
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=nets["sd1"][1],
+                                                                 low_memory=True, alternate_controlnet=alternate)
+        np.testing.assert_allclose(pipe(**kw).images, normal.images, atol=1e-5)
+        net = pipe.models.controlnets[0][1]
+        assert not net.loaded and not pipe.unet.loaded
+        # sequential guidance: 2 calls per step; alternating releases the UNet and the ControlNet at each
+        calls = 2 * pipe.scheduler.plan(STEPS).num_evaluations
+        assert released.count(net) == (calls if alternate else 1)
+    with pytest.raises(InvalidInputError, match="alternate_controlnet .* applies in low-memory mode"):
+        StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=nets["sd1"][1],
+                                                          alternate_controlnet=True)
 
 
 # -- the CLI ----------------------------------------------------------------------------------------------------
@@ -323,11 +355,13 @@ def test_bad_control_arguments_are_refused_before_any_engine_runs(exported, nets
         pipe(PROMPT, **kwargs)
 
 
-def test_pipelines_need_a_controlnet_and_a_supported_family(exported, tiny):
+def test_pipelines_need_a_controlnet_and_a_supported_family(exported, tiny, nets):
     with pytest.raises(InvalidInputError, match="needs controlnet="):
         StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"])
-    with pytest.raises(UnsupportedConfigError, match="stable-diffusion-xl folder for img2img is not supported"):
-        control_pipeline(tiny["xl-base"], "img2img", controlnet="unused")
+    with pytest.raises(UnsupportedConfigError, match="latent-consistency folder for txt2img is not supported"):
+        control_pipeline(tiny["lcm"], "txt2img", controlnet="unused")
+    assert isinstance(control_pipeline(tiny["xl-base"], "inpaint", controlnet=nets["xl"][1]),
+                      StableDiffusionXLControlNetInpaintPipeline)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -340,6 +374,8 @@ def test_pipelines_need_a_controlnet_and_a_supported_family(exported, tiny):
     (["--controlnet", "CN", "--control-image", "a.png", "--refiner", "R"], "does not combine with --refiner"),
     (["--controlnet", "CN", "--control-image", "a.png", "--canny-thresholds", "1,2"], "applies only with --canny"),
     (["--controlnet", "CN", "--control-image", "missing.png"], "cannot read --control-image"),
+    (["--controlnet", "CN", "--control-image", "a.png", "--alternate-controlnet"], "applies with --low-memory"),
+    (["--alternate-controlnet", "--low-memory"], "--alternate-controlnet applies only with --controlnet"),
 ])
 def test_cli_refuses_bad_control_flags_with_one_line(exported, nets, tmp_path, capsys, extra, message):
     argv = [a.replace("CN", str(nets["sd1"][1])) for a in extra]

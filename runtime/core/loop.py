@@ -104,7 +104,7 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
             latents = task.after_step(run, i, latents)
         if run.request.callback is not None and run.request.callback(i, float(t), latents) is False:
             raise CancelledError(f"cancelled by the callback after step {i + 1}/{plan.num_evaluations}")
-    models.stage_done(unet)
+    models.stage_done(unet, *models.controlnet_engines)  # low-memory mode: the ControlNets leave with the UNet
     run.timings["unet"] = unet_seconds
     run.timings["scheduler_and_guidance"] = time.perf_counter() - t_loop - unet_seconds
     run.timings["steps"] = plan.num_inference_steps

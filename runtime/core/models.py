@@ -27,7 +27,7 @@ class Models:
     (None unless `encoder`). Attributes may be replaced (recording or instrumented engines); stages read them."""
 
     def __init__(self, folder: ModelFolder, provider="cpu", low_memory: bool = False, vae: str = "full",
-                 encoder: bool = False, controlnet=None, **engine_options):
+                 encoder: bool = False, controlnet=None, alternate_controlnet: bool = False, **engine_options):
         if not isinstance(provider, str):
             raise InvalidInputError(
                 f"provider must be a string (cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime provider name), "
@@ -54,6 +54,13 @@ class Models:
         self.vae_encoder = self.engine(self.vae_choice.encoder) if encoder else None
         # ControlNets (sdrt.runtime.control): (folder, engine) pairs, each checked against this base first.
         self.controlnets = []
+        if not isinstance(alternate_controlnet, bool):
+            raise InvalidInputError(f"alternate_controlnet must be True or False, got {alternate_controlnet!r}")
+        if alternate_controlnet and not (low_memory and controlnet):
+            raise InvalidInputError("alternate_controlnet (the ControlNets and the UNet take turns in memory every "
+                                    "step) applies in low-memory mode with a ControlNet: give low_memory=True and "
+                                    "controlnet=, or leave it out")
+        self.alternate_controlnet = alternate_controlnet
         for path in [] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
             net = ControlNetFolder.open(path)
             net.check_fits(folder)
@@ -77,9 +84,13 @@ class Models:
         return FiniteOrFallback(engine, lambda: create_engine(fp32, self.folder.spec(component), provider=self.provider,
                                                               **self._options(component)), name=component)
 
+    @property
+    def controlnet_engines(self) -> tuple:
+        return tuple(engine for _, engine in self.controlnets)
+
     def engines(self) -> tuple:
         return tuple(e for e in (self.text_encoder, self.text_encoder_2, self.unet, self.vae_decoder,
-                                 self.vae_encoder, *(engine for _, engine in self.controlnets)) if e is not None)
+                                 self.vae_encoder, *self.controlnet_engines) if e is not None)
 
     def stage_done(self, *engines) -> None:
         """In low-memory mode, unload engines once their stage has run (each reloads when next needed)."""

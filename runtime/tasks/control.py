@@ -83,11 +83,14 @@ class Control(Task):
             take = slice(0, 0)
         total: list[np.ndarray] | None = None
         t = run.plan.timesteps[i]
-        for k, (net, engine) in enumerate(run.models.controlnets):
+        models = run.models
+        for k, (net, engine) in enumerate(models.controlnets):
             keep = not (i / n_eval < self.starts[k] or (i + 1) / n_eval > self.ends[k])
             scale = self.scales[k] * float(keep)
             if scale == 0.0 or take.start == take.stop == 0:
                 continue  # residuals times 0: skipping the ControlNet gives the same sums
+            if models.alternate_controlnet:  # low memory: the UNet leaves while the ControlNets run, and back
+                models.stage_done(models.unet)
             x = sample[take]
             feed = {"sample": x, "timestep": np.full((len(x),), t, dtype=np.float32),
                     "encoder_hidden_states": conditioning["encoder_hidden_states"][take],
@@ -96,6 +99,8 @@ class Control(Task):
                 if name in net.spec.input_names:
                     feed[name] = conditioning[name][take]
             out = engine.run(feed)
+            if models.alternate_controlnet:
+                models.stage_done(engine)
             residuals = [out[name] for name in net.spec.output_names]
             weights = np.full(len(residuals), scale, dtype=np.float32)
             if guess and not net.global_pool:  # diffusers: logspace(-1, 0, n) * conditioning_scale
