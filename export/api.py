@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
-from sdrt.export.checkpoint import load_module, open_checkpoint
+from sdrt.export.checkpoint import controlnet_folders, load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
 
@@ -157,6 +157,16 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
             manifest["validation"][name] = report
             del module
             gc.collect()
+        nets = controlnet_folders(ckpt) if components is None else []
+        if nets:  # a ControlNet pipeline's folder: each ControlNet in a folder of its own, beside the base
+            from sdrt.export.controlnet import export_controlnet_into
+
+            for name in nets:
+                export_controlnet_into(ckpt.path / name, tmp / name, opset, log, name=name)
+            manifest["controlnets"] = nets
         write_manifest(tmp, manifest)
     log(f"exported {len(selected)} components to {out}")
+    for name in nets:
+        log(f"the checkpoint's ControlNet is in {out / name}: sdrt generate {out} PROMPT --controlnet {out / name} "
+            "--control-image PICTURE")
     return out

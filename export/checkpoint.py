@@ -21,6 +21,13 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "stable-diffusion-xl",
     "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl",
     "StableDiffusionXLInpaintPipeline": "stable-diffusion-xl",
+    # A ControlNet pipeline's folder: its base, and each controlnet*/ exported beside it (sdrt.export.controlnet)
+    "StableDiffusionControlNetPipeline": "stable-diffusion",
+    "StableDiffusionControlNetImg2ImgPipeline": "stable-diffusion",
+    "StableDiffusionControlNetInpaintPipeline": "stable-diffusion",
+    "StableDiffusionXLControlNetPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "stable-diffusion-xl",
+    "StableDiffusionXLControlNetInpaintPipeline": "stable-diffusion-xl",
 }
 FIRST_ENCODER_FOLDERS = ("text_encoder", "tokenizer")  # every checkpoint's but the SDXL refiner's
 SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL checkpoint has beyond SD's folders
@@ -107,6 +114,14 @@ def open_checkpoint(src: str | Path) -> Checkpoint:
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path} has no {sub}/ folder; a {cls} needs one")
     return Checkpoint(path, index, family)
+
+
+def controlnet_folders(checkpoint: Checkpoint) -> list[str]:
+    """The ControlNetModel subfolders of a ControlNet pipeline's checkpoint (controlnet, or a MultiControlNet's
+    controlnet, controlnet_1, ...), in order."""
+    names = sorted((k for k in checkpoint.index if k == "controlnet" or re.fullmatch(r"controlnet_\d+", k)),
+                   key=lambda k: int(k.rpartition("_")[2]) if k != "controlnet" else 0)
+    return [k for k in names if (checkpoint.path / k / "config.json").is_file()]
 
 
 def load_module(checkpoint: Checkpoint, subfolder: str):

@@ -64,12 +64,23 @@ def export_controlnet(src, out, *, opset: int = MIN_OPSET, force: bool = False,
     """Export the ControlNetModel folder `src` to `out` (validated against torch at two shapes); nothing is
     written at `out` unless it validates."""
     require_export_extra()
-    from sdrt.export.trace import export_onnx, sample_inputs
-    from sdrt.export.validate import compare
-
     log = log or (lambda message: None)
     src, out = Path(src), Path(out)
     _check_opset(opset)
+    load_controlnet(src)  # refused before any folder is staged
+    with staging(out, force) as tmp:
+        export_controlnet_into(src, tmp, opset, log)
+    log(f"exported the ControlNet to {out}")
+    return out
+
+
+def export_controlnet_into(src: Path, folder: Path, opset: int, log: Callable[[str], None],
+                           name: str = "controlnet") -> dict:
+    """Export, validate and write the ControlNet at `src` into the (staged, empty or new) `folder`: model.onnx,
+    config.json and its sdrt.json. Returns the manifest."""
+    from sdrt.export.trace import export_onnx, sample_inputs
+    from sdrt.export.validate import compare
+
     model, config = load_controlnet(src)
     spec = controlnet_spec(config)
     module = ControlNetWrapper(model, spec.input_names).eval()
@@ -79,14 +90,13 @@ def export_controlnet(src, out, *, opset: int = MIN_OPSET, force: bool = False,
     manifest = {"format": FORMAT, "format_version": 1, "kind": "controlnet", "source": str(src.resolve()),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "opset": opset, "precision": "fp32", "versions": _versions(), "spec": spec.to_json()}
-    with staging(out, force) as tmp:
-        log(f"controlnet: exporting to ONNX (opset {opset})")
-        export_onnx(module, spec, sample_inputs(spec, dims[0]), tmp / "model.onnx", opset)
-        log("controlnet: validating against torch at 2 shapes")
-        manifest["validation"] = compare(module, tmp / "model.onnx", spec, dims)
-        worst = max(c["max_abs"] for c in manifest["validation"]["checks"])
-        log(f"controlnet: ok, max |onnx - torch| = {worst:.2e}")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_manifest(tmp, manifest)
-    log(f"exported the ControlNet to {out}")
-    return out
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"{name}: exporting to ONNX (opset {opset})")
+    export_onnx(module, spec, sample_inputs(spec, dims[0]), folder / "model.onnx", opset)
+    log(f"{name}: validating against torch at 2 shapes")
+    manifest["validation"] = compare(module, folder / "model.onnx", spec, dims)
+    worst = max(c["max_abs"] for c in manifest["validation"]["checks"])
+    log(f"{name}: ok, max |onnx - torch| = {worst:.2e}")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_manifest(folder, manifest)
+    return manifest

@@ -25,6 +25,10 @@ PIPELINES["LatentConsistencyModelPipeline"] = PIPELINES["ORTLatentConsistencyMod
 PIPELINES["StableDiffusionInpaintPipeline"] = PIPELINES["ORTStableDiffusionInpaintPipeline"] = "stable-diffusion"
 for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
     PIPELINES[_name] = PIPELINES["ORT" + _name] = "stable-diffusion-xl"
+# A ControlNet pipeline's export: its base (the ControlNets in folders of their own, passed with controlnet=).
+for _task in ("", "Img2Img", "Inpaint"):
+    PIPELINES[f"StableDiffusionControlNet{_task}Pipeline"] = "stable-diffusion"
+    PIPELINES[f"StableDiffusionXLControlNet{_task}Pipeline"] = "stable-diffusion-xl"
 
 
 VERIFY_MODES = ("none", "size", "sha256")

@@ -231,6 +231,23 @@ def test_low_memory_gives_the_same_image_and_can_alternate_the_networks(exported
                                                           alternate_controlnet=True)
 
 
+def test_pooling_and_bgr_controlnets_match_diffusers(checkpoints, exported, nets, tmp_path):
+    """A global-pooling ControlNet (shuffle: its spatial means; guess mode on, as diffusers' pipelines turn it on)
+    and one that reads its image as BGR."""
+    control = picture(seed=19)
+    for name, setting in (("pool", dict(global_pool_conditions=True)),
+                          ("bgr", dict(controlnet_conditioning_channel_order="bgr"))):
+        model = diffusers.ControlNetModel.from_pretrained(nets["sd1"][0])
+        model.register_to_config(**setting)
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+        onnx_folder = export_controlnet(tmp_path / name, tmp_path / f"{name}-onnx")
+        expected = reference(diffusers.StableDiffusionControlNetPipeline, checkpoints["sd1"], tmp_path / name)(
+            image=control, generator=seeded(), **KW).images
+        got = StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=onnx_folder)(
+            image=control, seed=SEED, **KW).images
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=name)
+
+
 # -- the CLI ----------------------------------------------------------------------------------------------------
 
 def test_cli_matches_diffusers_within_two_levels(checkpoints, exported, nets, tmp_path):
@@ -246,6 +263,28 @@ def test_cli_matches_diffusers_within_two_levels(checkpoints, exported, nets, tm
     with Image.open(out) as im:
         got = np.asarray(im.convert("RGB"), dtype=np.int16)
         assert 'Controlnet: "' + nets["sd1"][1].name + ' (scale 0.75, 0-1)"' in im.info["parameters"]
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 2
+
+
+def test_a_controlnet_pipeline_folder_exports_its_base_and_controlnet(tmp_path):
+    """diffusers' own test layout (a 2x VAE, a 2-level conditioning embedding), saved as a
+    StableDiffusionControlNetPipeline: sdrt export writes the base and controlnet/ beside it; the CLI then gives
+    diffusers' image within 2/255."""
+    from sdrt.export.fixtures_controlnet import save_tiny_controlnet_pipeline
+
+    checkpoint = save_tiny_controlnet_pipeline(tmp_path / "ck")
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "controlnet" / "sdrt.json").read_text())["validation"]["passed"]
+    control = picture(seed=20)
+    control.save(tmp_path / "control.png")
+    pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, image=control, num_inference_steps=STEPS, generator=seeded()).images[0]
+    assert main(["generate", str(tmp_path / "out"), PROMPT, "--controlnet", str(tmp_path / "out" / "controlnet"),
+                 "--control-image", str(tmp_path / "control.png"), "--steps", str(STEPS), "--seed", str(SEED),
+                 "-o", str(tmp_path / "o.png"), "-q"]) == 0
+    with Image.open(tmp_path / "o.png") as im:
+        got = np.asarray(im.convert("RGB"), dtype=np.int16)
     assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 2
 
 

@@ -8,6 +8,8 @@ text conditioning; the residuals times controlnet_conditioning_scale[k], or 0 ou
 (diffusers' controlnet_keep: off where i/N < control_guidance_start[k] or (i+1)/N > control_guidance_end[k]);
 several ControlNets' residuals are summed (MultiControlNet). guess_mode: the ControlNets see the conditional
 half only, the negative half gets zeros, and the residuals ramp from 0.1 (first) to 1 (mid block) on a log scale.
+A global-pooling ControlNet (shuffle: `global_pool_conditions`) gives each residual's spatial mean, unramped, and
+(the first ControlNet's setting) turns guess mode on, as diffusers' pipelines do.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ class Control(Task):
         run.parameters["controlnet"] = ", ".join(
             f"{net.path.name} (scale {s:g}, {a:g}-{b:g})" for (net, _), s, a, b in
             zip(nets, self.scales, self.starts, self.ends))
-        if request.guess_mode:
+        # diffusers: a global-pooling ControlNet (the first, for several) turns guess mode on
+        self.guess = bool(request.guess_mode) or nets[0][0].global_pool
+        if self.guess:
             run.parameters["guess_mode"] = True
 
     @staticmethod
@@ -75,7 +79,7 @@ class Control(Task):
 
     def call_inputs(self, run, i: int, sample: np.ndarray, conditioning: dict, halves: tuple) -> dict:
         n_eval = run.plan.num_evaluations
-        guess = run.request.guess_mode
+        guess = self.guess
         rows = len(sample) // len(halves)
         # guess mode: the ControlNets see the conditional rows only; the others get zeros.
         take = slice((len(halves) - 1) * rows, None) if guess and COND in halves else slice(None)
