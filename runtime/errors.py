@@ -21,3 +21,7 @@ class GenerationError(SdrtError):
 
 class CancelledError(SdrtError):
     """The per-step callback asked to stop."""
+
+
+class InsufficientMemoryError(SdrtError):
+    """A generation would need more memory than the machine has: refused before it starts, with what would fit."""

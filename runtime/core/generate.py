@@ -19,7 +19,7 @@ from sdrt.runtime import image as imageio
 from sdrt.runtime import memory
 from sdrt.runtime.adapters import Adapters
 from sdrt.runtime.config import ModelFolder
-from sdrt.runtime.core import codec, loop
+from sdrt.runtime.core import budget, codec, loop
 from sdrt.runtime.core.models import Models
 from sdrt.runtime.core.request import Request
 from sdrt.runtime.errors import InvalidInputError
@@ -139,6 +139,7 @@ class Generator:
         for task in run.tasks:
             plan = task.plan(run, plan)
         run.plan = plan
+        budget.check(run)  # the estimated peak against the memory available, before anything is allocated
         run.generator = request.make_generator()
         loras = self.adapters.wanted(request.loras)  # LoRA files read and matched to the weights now
         run.parameters.update(self.adapters.describe(loras))

@@ -1,0 +1,107 @@
+"""Memory is checked before it is spent: a generation whose estimated peak exceeds the memory available is
+refused at once (the estimate, the memory, what would fit), and the estimate stays above the peak RSS measured
+on the bundled demo model, within a small factor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sdrt.runtime.cli import main
+from sdrt.runtime.core import budget
+from sdrt.runtime.core.generate import Run
+from sdrt.runtime.core.request import Request
+from sdrt.runtime.demo import default_model
+from sdrt.runtime.errors import InsufficientMemoryError
+from sdrt.runtime.guidance import Guidance
+from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return StableDiffusionPipeline.from_pretrained(default_model())
+
+
+def estimate(pipe, size, batch=1, cfg_mode="batched"):
+    run = Run(Request("a red circle", height=size, width=size, num_images_per_prompt=batch), pipe.core.family, (),
+              pipe.models, pipe.scheduler, Guidance(True, 7.5), cfg_mode, None)
+    run.height = run.width = size
+    return budget.estimate(run)
+
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"an engine was used ({name}) before the memory was checked")
+
+
+def test_the_demo_at_512_is_refused_at_once_with_the_estimate_and_what_fits(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv(budget.MEMORY_ENV, str(16 * GIB))
+    t0 = time.perf_counter()
+    code = main(["generate", str(default_model()), "a red circle", "--size", "512x512", "-o", str(tmp_path / "o.png"),
+                 "-q"])
+    assert time.perf_counter() - t0 < 5  # in CI the folder opens in well under a second; no engine runs
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "needs about" in err and "16.0 GiB is available" in err
+    assert "--low-memory" in err and "sdrt optimize" in err and "at most" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("kwargs", [dict(height=2**20, width=2**20), dict(num_images_per_prompt=100_000),
+                                    dict(height=100_000 // 16 * 16, width=100_000 // 16 * 16)])
+def test_huge_requests_are_refused_before_any_engine_runs(kwargs, monkeypatch):
+    monkeypatch.setenv(budget.MEMORY_ENV, str(16 * GIB))
+    pipe = StableDiffusionPipeline.from_pretrained(default_model())
+    pipe.unet = pipe.text_encoder = pipe.vae_decoder = Untouchable()
+    with pytest.raises(InsufficientMemoryError, match="needs about .* is available"):
+        pipe("a red circle", num_inference_steps=2, seed=0, **kwargs)
+
+
+def test_what_fits_is_suggested_and_does_fit(demo, monkeypatch):
+    available = 3 * GIB
+    monkeypatch.setenv(budget.MEMORY_ENV, str(available))
+    with pytest.raises(InsufficientMemoryError, match=r"at most (\d+)x\1 here") as e:
+        demo("a red circle", height=512, width=512, num_inference_steps=1, seed=0)
+    side = int(str(e.value).split("at most ")[1].split("x")[0])
+    assert estimate(demo, side).total <= available < estimate(demo, side + demo.folder.pixel_multiple).total
+
+
+def test_low_memory_and_fused_attention_lower_the_estimate(demo):
+    lean = StableDiffusionPipeline.from_pretrained(default_model(), low_memory=True)
+    assert estimate(lean, 256, cfg_mode="sequential").total < estimate(demo, 256).total / 2
+    # the score maps grow with the fourth power of the side: 2x the side, about 16x the attention
+    big, small = estimate(demo, 512).parts["denoising"], estimate(demo, 256).parts["denoising"]
+    assert 10 < big / small < 17
+
+
+def test_a_size_far_past_the_trained_one_warns(demo):
+    with pytest.warns(RuntimeWarning, match="far past the size this model was trained at"):
+        demo("a red circle", height=96, width=96, num_inference_steps=1, seed=0)
+
+
+MEASURE = """
+import resource, sys
+from sdrt.runtime.demo import default_model
+from sdrt.runtime.pipeline import StableDiffusionPipeline
+size, low = int(sys.argv[1]), sys.argv[2] == "1"
+StableDiffusionPipeline.from_pretrained(default_model(), low_memory=low)("a red circle", height=size, width=size,
+                                                                         num_inference_steps=1, seed=0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize("size,low", [(64, False), (128, False), (192, False), (192, True)])
+def test_the_estimate_stays_above_the_measured_peak_within_a_small_factor(demo, size, low):
+    """Peak RSS of a fresh process against the estimate: never below it (the guard must not let a run through
+    that the kernel would kill), and not absurdly above it (it must not refuse what fits)."""
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", MEASURE, str(size), "1" if low else "0"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    measured = int(out.stdout.strip().splitlines()[-1])
+    pipe = StableDiffusionPipeline.from_pretrained(default_model(), low_memory=True) if low else demo
+    predicted = estimate(pipe, size, cfg_mode="sequential" if low else "batched").total
+    assert measured <= predicted <= 4 * measured, (size, low, measured, predicted)
