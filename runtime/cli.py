@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -230,6 +231,10 @@ def cmd_generate(args) -> int:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.errors import InvalidInputError
 
+    out = imageio.check_output_path(args.output, "-o/--output")  # before any work
+    if args.num_images > 1 and not (out.exists() and not out.is_file()):
+        for k in (0, args.num_images - 1):
+            imageio.check_output_path(out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}"), "-o/--output")
     written_prompt = args.prompt
     args.prompt, loras = _loras(args)
     common = dict(
@@ -292,7 +297,6 @@ def cmd_generate(args) -> int:
                           **_second_prompts(args, pipe))
         else:  # the refiner takes the base's latents, with the same mask
             result = _base_and_refiner(args, pipe, (picture, *mask_arg), strength, common, factory, mask_arg)
-    out = Path(args.output)
     paths = [out] if len(result.images) == 1 else [
         out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
     ]
@@ -375,13 +379,19 @@ def _read_picture(path: str, option: str):
     try:
         with Image.open(path) as opened:
             return opened.copy()
-    except OSError as e:
+    except Image.DecompressionBombError as e:  # a header claiming a huge picture: never decoded
+        raise InvalidInputError(f"{option} {path} declares more pixels than Pillow's limit of "
+                                f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb, or a picture far too large): "
+                                f"{e}") from e
+    except (OSError, ValueError, SyntaxError) as e:  # unreadable, truncated, or a malformed header
         raise InvalidInputError(f"cannot read {option} {path}: {e}") from e
 
 
 def cmd_demo(args) -> int:
+    from sdrt.runtime import image as imageio
     from sdrt.runtime.demo import run_demo
 
+    imageio.check_output_path(args.output, "-o/--output")  # before any work
     run_demo(args.output, model=args.model, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
              scheduler=args.scheduler, provider=args.provider)
     print(args.output)
@@ -397,6 +407,15 @@ def cmd_bench(args) -> int:
         guidance=args.guidance, scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, seed=args.seed,
         cold_start=not args.no_cold_start, allow_fallback=args.allow_fallback, **_engine_flags(args),
     )
+    if args.out is not None:
+        out = Path(args.out)
+        if str(args.out).strip() == "":
+            raise SdrtError("--out is empty; give the folder for the results")
+        if out.exists() and not out.is_dir():
+            raise SdrtError(f"--out {out} is a file; give a folder (created if missing) for the results")
+        parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise SdrtError(f"--out {out}: {parent} cannot be written (permission denied)")
     result = bench.run_bench(args.folder, settings, progress=not args.quiet)
     markdown = bench.to_markdown(result)
     print(markdown)

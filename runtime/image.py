@@ -96,6 +96,29 @@ def from_pil(
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
+def check_output_path(path, option: str = "the output path") -> Path:
+    """A path a file can be written at, checked before any work: not empty, not a directory, in a folder that
+    exists and can be written. Existing non-regular files (/dev/null, a FIFO) are written through, never replaced.
+    InvalidInputError naming `option` otherwise."""
+    if path is None or str(path).strip() == "":
+        raise InvalidInputError(f"{option} is empty; give a file name such as out.png")
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{option} {path} is a directory; give a file name in it, such as {path / 'out.png'}")
+    if path.exists() and not path.is_file():
+        if not os.access(path, os.W_OK):
+            raise InvalidInputError(f"{option} {path} cannot be written (permission denied)")
+        return path  # a device or pipe: written through
+    folder = path.resolve().parent
+    if not folder.exists():
+        raise InvalidInputError(f"{option} {path}: the folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise InvalidInputError(f"{option} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{option} {path}: the folder {folder} cannot be written (permission denied)")
+    return path
+
+
 def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
     """Write image as a PNG at path, with `parameters` in a "parameters" text chunk (AUTOMATIC1111's key).
 
@@ -114,6 +137,12 @@ def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, parameter
     if parameters is not None:
         info.add_text("parameters", parameters)
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device or a pipe: written through, never renamed over
+        with open(path, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+        return
+    if path.is_symlink():  # the link's target gets the new file; the link stays
+        path = path.resolve()
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # os.open applies the umask to 0o666, as a plain open() would; mkstemp would make the file 0o600.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -47,14 +47,27 @@ def real(name: str, value, low: float | None = None, high: float | None = None, 
     return value
 
 
+def _encodable(name: str, values) -> None:
+    """Text the tokenizers can read: valid Unicode (no lone surrogates, which invalid UTF-8 on a command line
+    becomes)."""
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(f"{name} is not valid text (invalid UTF-8 or a lone surrogate at character "
+                                    f"{e.start}: {v[max(0, e.start - 10):e.end + 10]!r}); pass UTF-8") from None
+
+
 def texts(name: str, value, count: int | None = None) -> tuple[str, ...] | None:
     """None, a string, or a non-empty list of strings (of `count` entries when given; a string fills them all)."""
     if value is None:
         return None
     if isinstance(value, str):
+        _encodable(name, (value,))
         return (value,) * (count or 1)
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
         raise InvalidInputError(f"{name} must be a string or a list of strings (not empty), got {value!r}")
+    _encodable(name, value)
     if count is not None and len(value) != count:
         raise InvalidInputError(
             f"{name} has {len(value)} entries but prompt has {count}; give one per prompt, or a single string for all"
@@ -65,9 +78,12 @@ def texts(name: str, value, count: int | None = None) -> tuple[str, ...] | None:
 def text_or_texts(name: str, value) -> str | tuple[str, ...] | None:
     """None, a string (kept as given: SDXL treats "" as not given), or a list of strings."""
     if value is None or isinstance(value, str):
+        if value is not None:
+            _encodable(name, (value,))
         return value
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise InvalidInputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    _encodable(name, value)
     return tuple(value)
 
 

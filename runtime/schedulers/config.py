@@ -171,6 +171,14 @@ def _check_types(values: Mapping[str, Any]) -> None:
         value = values.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InvalidInputError(f"scheduler option {key} must be a number, got {value!r}")
+    for key in floats:  # NaN/Inf never make a schedule
+        value = values.get(key)
+        if value is not None and not math.isfinite(value):
+            raise InvalidInputError(f"scheduler option {key} must be finite, got {value!r}")
+    start, end = values.get("beta_start", 0.0001), values.get("beta_end", 0.02)
+    if not 0 <= start <= end < 1:  # a negative beta gives complex alphas (scaled_linear takes square roots)
+        raise InvalidInputError(f"scheduler betas must satisfy 0 <= beta_start <= beta_end < 1, got beta_start "
+                                f"{start!r}, beta_end {end!r}")
     if values.get("num_train_timesteps", 1) < 1:
         raise InvalidInputError(f"num_train_timesteps must be >= 1, got {values['num_train_timesteps']}")
     betas = values.get("trained_betas")

@@ -59,6 +59,9 @@ def _pndm_timesteps(config: SchedulerConfig, n: int) -> tuple[np.ndarray, np.nda
 
 def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int) -> Plan:
     n, N = num_inference_steps, config.num_train_timesteps
+    if not config.skip_prk_steps and n < 4:  # diffusers fails here with a broadcast error
+        raise InvalidInputError(f"pndm's Runge-Kutta warm-up (skip_prk_steps=False) needs num_inference_steps >= 4, "
+                                f"got {n}; use more steps, or a scheduler such as ddim or euler for {n}")
     ratio = N // n
     prk_timesteps, plms_timesteps = _pndm_timesteps(config, n)
     timesteps = np.concatenate([prk_timesteps, plms_timesteps]).astype(np.int64)[start:]

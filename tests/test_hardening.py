@@ -1,0 +1,202 @@
+"""Bad input reaches the user as one line, before any work, and files are written safely: output paths, device
+nodes and symlinks, decompression bombs, text that is not valid Unicode, impossible scheduler settings."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrt.runtime import image as imageio
+from sdrt.runtime.cli import main
+from sdrt.runtime.demo import default_model
+from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.pipeline import StableDiffusionPipeline
+from sdrt.runtime.schedulers import load_scheduler
+
+DEMO = str(default_model())
+
+
+def generate(tmp_path, capsys, *extra, output=None):
+    argv = ["generate", DEMO, "a red circle", "--steps", "2", "-q", "-o",
+            str(tmp_path / "out.png") if output is None else output, *extra]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> bool:
+    return "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- output paths, checked before the work ---------------------------------------------------------------------
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"the pipeline was used ({name}) before the output path was checked")
+
+
+@pytest.mark.parametrize("output,message", [
+    ("{tmp}/missing/out.png", "does not exist; create it first"),
+    ("{tmp}", "is a directory"),
+    ("", "is empty"),
+    ("   ", "is empty"),
+])
+def test_bad_output_paths_are_refused_before_generating(tmp_path, capsys, monkeypatch, output, message):
+    import sdrt.runtime.families as families
+
+    monkeypatch.setattr(families, "text_to_image_pipeline", lambda *a, **k: Untouchable())
+    code, err = generate(tmp_path, capsys, output=output.format(tmp=tmp_path))
+    assert code == 2 and message in err and one_line(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_folder_is_refused_before_generating(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, err = generate(tmp_path, capsys, output=str(locked / "out.png"))
+    finally:
+        locked.chmod(0o700)
+    assert code == 2 and "permission denied" in err and one_line(err)
+
+
+def test_several_images_check_their_numbered_names_too(tmp_path, capsys):
+    (tmp_path / "out-0.png").mkdir()  # the first numbered name is taken by a folder
+    code, err = generate(tmp_path, capsys, "--num-images", "2")
+    assert code == 2 and "out-0.png is a directory" in err
+
+
+def test_a_device_node_is_written_through_never_replaced(tmp_path, capsys):
+    code, err = generate(tmp_path, capsys, output="/dev/null")
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # still the device, not a PNG
+
+
+def test_a_fifo_is_written_through(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen([sys.executable, "-c", f"import sys; sys.stdout.write(str(len(open({str(fifo)!r}, 'rb').read())))"],
+                              stdout=subprocess.PIPE, text=True)
+    imageio.save_png(Image.new("RGB", (8, 8), "red"), fifo, parameters="x")
+    assert int(reader.communicate(timeout=30)[0]) > 0
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_symlink_keeps_pointing_at_its_target_which_gets_the_image(tmp_path):
+    target = tmp_path / "real.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    imageio.save_png(Image.new("RGB", (8, 8), "blue"), link)
+    assert link.is_symlink() and Image.open(target).size == (8, 8)
+
+
+def test_nothing_is_left_behind_when_the_write_fails(tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        imageio.save_png(Image.new("RGB", (8, 8)), tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_out_at_a_file_is_refused_before_measuring(tmp_path, capsys):
+    (tmp_path / "results").write_text("not a folder")
+    code = main(["bench", DEMO, "--steps", "1", "--runs", "1", "--out", str(tmp_path / "results"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file; give a folder" in err and one_line(err)
+
+
+def test_demo_output_is_checked_before_drawing(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "nowhere" / "demo.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- pictures and text ----------------------------------------------------------------------------------------
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("content,message", [
+    (png_header_only(100_000, 100_000), "decompression bomb"),
+    (png_header_only(64, 64)[:40], "cannot read --image"),
+    (b"not a picture at all", "cannot read --image"),
+])
+def test_untrusted_pictures_are_refused_with_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "in.png").write_bytes(content)
+    code, err = generate(tmp_path, capsys, "--image", str(tmp_path / "in.png"))
+    assert code == 2 and message in err and one_line(err)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_invalid_utf8_on_the_command_line_is_a_clear_error(tmp_path):
+    prompt = b"a red \xff\xfe circle"
+    out = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "generate", DEMO.encode(), prompt,
+                          "--steps", "1", "-q", "-o", str(tmp_path / "o.png").encode()],
+                         capture_output=True, timeout=120)
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 2 and "prompt is not valid text" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt="a \ud800 b"), "prompt is not valid text"),
+    (dict(prompt="a", negative_prompt=["x\udcff"]), "negative_prompt is not valid text"),
+    (dict(prompt="a", negative_prompt=5), "negative_prompt must be a string"),
+])
+def test_text_that_is_not_unicode_is_refused(kwargs, message):
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO)
+    pipe.text_encoder = Untouchable()
+    with pytest.raises(InvalidInputError, match=message):
+        pipe(num_inference_steps=1, **kwargs)
+
+
+# -- schedulers -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_pndm_with_its_warm_up_needs_four_steps(steps):
+    """diffusers' PNDMScheduler fails with a broadcast error below 4 steps when skip_prk_steps is off."""
+    scheduler = load_scheduler({"_class_name": "PNDMScheduler", "skip_prk_steps": False})
+    with pytest.raises(InvalidInputError, match="needs num_inference_steps >= 4"):
+        scheduler.plan(steps)
+
+
+def test_pndm_without_its_warm_up_runs_one_step_as_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    config = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "beta_end": 0.012}
+    ours = load_scheduler(config)
+    theirs = diffusers.PNDMScheduler(**{k: v for k, v in config.items() if k != "_class_name"})
+    theirs.set_timesteps(1)
+    plan = ours.plan(1)
+    assert list(plan.timesteps) == theirs.timesteps.tolist()
+    rng = np.random.default_rng(0)
+    sample, output = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    got, _ = ours.step(plan, 0, output, sample, ours.initial_state(plan), None)
+    expected = theirs.step(torch.from_numpy(output), theirs.timesteps[0], torch.from_numpy(sample)).prev_sample
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("option,message", [
+    (dict(beta_start=-0.001), "0 <= beta_start <= beta_end < 1"),
+    (dict(beta_start=0.02, beta_end=0.01), "0 <= beta_start <= beta_end < 1"),
+    (dict(beta_end=1.5), "0 <= beta_start <= beta_end < 1"),
+    (dict(beta_end=float("nan")), "must be finite"),
+])
+def test_impossible_betas_are_refused(option, message):
+    with pytest.raises(InvalidInputError, match=message):
+        load_scheduler({"_class_name": "DDIMScheduler", **option})
