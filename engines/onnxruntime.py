@@ -50,9 +50,15 @@ def _import_onnxruntime():
         raise BackendNotInstalledError(
             "onnxruntime is not installed: pip install onnxruntime (or 'sdrt[gpu]' for CUDA)"
         ) from e
+    global _logger_quiet
+    if not _logger_quiet:  # the process-wide logger too (provider loading, environment): errors are raised
+        level = os.environ.get("SDRT_ORT_LOG_SEVERITY", "4")
+        onnxruntime.set_default_logger_severity(int(level) if level in ("0", "1", "2", "3", "4") else 4)
+        _logger_quiet = True
     return onnxruntime
 
 
+_logger_quiet = False
 _cuda_libraries_loaded = False
 
 
@@ -80,7 +86,9 @@ class SessionOptions:
     enable_mem_arena: bool = True
     enable_mem_pattern: bool = True
     deterministic: bool = False
-    log_severity: int = 3
+    # 4 (fatal only): onnxruntime's own "[E:onnxruntime ...]" lines would repeat on stderr the failures sdrt
+    # raises as typed errors (EngineError); 0-3 show its verbose/info/warning/error log for debugging.
+    log_severity: int = 4
     optimized_model_path: str | None = None  # where onnxruntime saves the graph it runs (for inspection)
 
 

@@ -200,3 +200,22 @@ def test_pndm_without_its_warm_up_runs_one_step_as_diffusers():
 def test_impossible_betas_are_refused(option, message):
     with pytest.raises(InvalidInputError, match=message):
         load_scheduler({"_class_name": "DDIMScheduler", **option})
+
+
+def test_a_corrupt_network_file_gives_one_line_and_no_onnxruntime_log(tmp_path):
+    """A weight file damaged in place (same size, so the default size check passes): onnxruntime's own
+    "[E:onnxruntime ...]" line must not reach stderr, only sdrt's error."""
+    import shutil
+
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    model = folder / "unet" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[:64] = b"\xff" * 64
+    model.write_bytes(bytes(data))
+    out = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "generate", str(folder), "a red circle",
+                          "--steps", "1", "-q", "-o", str(tmp_path / "o.png")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "[E:onnxruntime" not in out.stderr and "Traceback" not in out.stderr
+    assert "unet" in out.stderr and len(out.stderr.strip().splitlines()) == 1
