@@ -12,6 +12,7 @@ from pathlib import Path
 from sdrt.engines.files import MANIFEST, sha256_file
 from sdrt.engines.spec import NetworkSpec, latent_multiple, spec_for, vae_scale_factor
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
+from sdrt.runtime import schema
 
 # vae_tiny_*: an optional tiny autoencoder (TAESD) beside the full VAE, added by `sdrt export-taesd`.
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
@@ -84,8 +85,8 @@ class ModelFolder:
         path = Path(path)
         if not path.is_dir():
             raise ModelFolderError(f"{path} is not a folder; give the output folder of `sdrt export`")
-        index = read_json(path / "model_index.json")
-        cls_name = index.get("_class_name", "?")
+        index = schema.check_index(read_json(path / "model_index.json"), path / "model_index.json")
+        cls_name = index["_class_name"]
         if cls_name not in PIPELINES:
             raise UnsupportedConfigError(
                 f"{path}: pipeline {cls_name} is not supported by this runtime (supported: {', '.join(PIPELINES)})"
@@ -94,9 +95,12 @@ class ModelFolder:
         missing = [c for c in REQUIRED + FAMILY_REQUIRED.get(PIPELINES[cls_name], FAMILY_REQUIRED_DEFAULT) if c not in components]
         if missing:
             raise ModelFolderError(f"{path} lacks {', '.join(c + '/model.onnx' for c in missing)}; re-run sdrt export")
-        configs = {c: read_json(path / c / "config.json") for c in components}
-        configs["scheduler"] = read_json(path / "scheduler" / "scheduler_config.json")
-        manifest = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+        configs = {c: schema.check_config(c, read_json(path / c / "config.json"), path / c / "config.json")
+                   for c in components}
+        configs["scheduler"] = schema.check_object(read_json(path / "scheduler" / "scheduler_config.json"),
+                                                   path / "scheduler" / "scheduler_config.json")
+        manifest = schema.check_manifest(read_json(path / MANIFEST), path / MANIFEST) \
+            if (path / MANIFEST).is_file() else None
         folder = cls(path, PIPELINES[cls_name], cls_name, components, configs, manifest)
         if verify != "none":
             folder.verify(full=(verify == "sha256"))

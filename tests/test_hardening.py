@@ -219,3 +219,69 @@ def test_a_corrupt_network_file_gives_one_line_and_no_onnxruntime_log(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "[E:onnxruntime" not in out.stderr and "Traceback" not in out.stderr
     assert "unet" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# -- model folders whose JSON files are of the wrong shape ---------------------------------------------------------
+
+def _tamper(tmp_path, rel, change):
+    import json
+    import shutil
+
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    file = folder / rel
+    data = json.loads(file.read_text())
+    data = change(data)
+    file.write_text(json.dumps(data))
+    if rel != "sdrt.json":  # keep the manifest's record of the file, so that only the field is wrong
+        from sdrt.engines.files import sha256_file
+
+        manifest = json.loads((folder / "sdrt.json").read_text())
+        if rel in manifest["files"]:
+            manifest["files"][rel] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+            (folder / "sdrt.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _set(key, value):
+    def change(data):
+        data[key] = value
+        return data
+    return change
+
+
+def _drop(key):
+    def change(data):
+        data.pop(key)
+        return data
+    return change
+
+
+def _first_file(change):
+    def apply(data):
+        rel = next(iter(data["files"]))
+        data["files"][rel] = change(dict(data["files"][rel]))
+        return data
+    return apply
+
+
+@pytest.mark.parametrize("rel,change,message", [
+    ("model_index.json", lambda d: [d], "must be a JSON object"),
+    ("model_index.json", _set("_class_name", 5), "'_class_name' must be a string"),
+    ("unet/config.json", _set("sample_size", "32"), "'sample_size' must be a positive integer"),
+    ("unet/config.json", _set("block_out_channels", 64), "'block_out_channels' must be a non-empty list"),
+    ("vae_decoder/config.json", _set("scaling_factor", "0.18"), "'scaling_factor' must be a finite number"),
+    ("vae_decoder/config.json", _drop("latent_channels"), "lacks 'latent_channels'"),
+    ("text_encoder/config.json", _set("hidden_size", None), "'hidden_size' must be a positive integer"),
+    ("scheduler/scheduler_config.json", lambda d: "DDIM", "must be a JSON object"),
+    ("sdrt.json", _set("files", []), "'files' must be an object"),
+    ("sdrt.json", _first_file(_drop("size")), "must hold an integer 'size'"),
+    ("sdrt.json", _set("files", {"../../etc/passwd": {"size": 1, "sha256": "0"}}), "a path outside the folder"),
+    ("sdrt.json", _set("family", ["stable-diffusion"]), "'family' must be a string"),
+])
+def test_malformed_folder_files_are_named_with_their_field(tmp_path, capsys, rel, change, message):
+    folder = _tamper(tmp_path, rel, change)
+    code = main(["generate", str(folder), "a red circle", "--steps", "1", "-q", "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and one_line(err), err
+    assert rel in err or rel.split("/")[0] in err
