@@ -261,7 +261,8 @@ def cmd_generate(args) -> int:
         from sdrt.runtime.families import text_to_image_pipeline
 
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
-                       vae=args.vae, **_memory_options(args), **_engine_flags(args), **_prompt_options(args))
+                       vae=args.vae, verify=args.verify, **_memory_options(args), **_engine_flags(args),
+                       **_prompt_options(args))
         if control_options:  # the control image goes as image=, diffusers' name in ControlNet txt2img
             pipe = control_pipeline(args.folder, "txt2img", **options, **control_options)
             control_call["image"] = control_call.pop("control_image")
@@ -284,7 +285,8 @@ def cmd_generate(args) -> int:
         picture = _read_picture(args.image, "--image")
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
-                       vae=args.vae, **_memory_options(args), **_engine_flags(args), **_prompt_options(args))
+                       vae=args.vae, verify=args.verify, **_memory_options(args), **_engine_flags(args),
+                       **_prompt_options(args))
         strength = {} if args.strength is None else {"strength": args.strength}  # default: the pipeline's
         factory, mask_arg = (image_to_image_pipeline, ()) if mask is None else (inpaint_pipeline, (mask,))
         if control_options:
@@ -322,7 +324,7 @@ def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, re
     if not getattr(base, "uses_text_encoder_2", False):
         raise InvalidInputError(f"--refiner needs an SDXL base model; {args.folder} is not one")
     fraction = 0.8 if args.high_noise_frac is None else args.high_noise_frac
-    refiner = refiner_pipeline(args.refiner, provider=args.provider, scheduler=args.scheduler,
+    refiner = refiner_pipeline(args.refiner, verify=args.verify, provider=args.provider, scheduler=args.scheduler,
                                allow_fallback=args.allow_fallback, **_memory_options(args), **_engine_flags(args),
                                **_prompt_options(args))
     if not getattr(refiner, "uses_text_encoder_2", False):
@@ -348,7 +350,8 @@ def _engine_flags(args) -> dict:
     flags = {"cuda_graph": args.cuda_graph}
     if args.no_io_binding:
         flags["io_binding"] = False
-    if (getattr(args, "lora", None) or getattr(args, "lora_dir", None)) and args.provider.lower() in ("tensorrt", "trt"):
+    loras = getattr(args, "lora", None) or getattr(args, "lora_dir", None)  # generate only
+    if loras and args.provider.lower() in ("tensorrt", "trt"):
         flags["refit"] = True  # LoRA weights reach native TensorRT plans by refitting them
     return flags
 
@@ -555,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for big images; blended tiles differ slightly from a whole decode")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="px shared by neighbouring tiles, blended (a multiple of 8; default a quarter of --tile-size)")
+    g.add_argument("--verify", choices=("size", "sha256", "none"), default="size",
+                   help="check the folder's files against sdrt.json first: size (default, instant), sha256 (every "
+                        "byte; remembered per file until it changes, so it costs once), none")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrt.engines.files import MANIFEST, sha256_file
+from sdrt.engines.files import MANIFEST, cached_sha256
 from sdrt.engines.spec import NetworkSpec, latent_multiple, spec_for, vae_scale_factor
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
 from sdrt.runtime import schema
@@ -119,7 +119,7 @@ class ModelFolder:
                 raise ModelFolderError(
                     f"{f} is {size} bytes but {MANIFEST} records {rec['size']}: truncated or replaced; re-export"
                 )
-            if full and sha256_file(f) != rec["sha256"]:
+            if full and cached_sha256(f) != rec["sha256"]:
                 raise ModelFolderError(f"{f} does not match its sha256 in {MANIFEST}: corrupted or modified; re-export")
 
     @property

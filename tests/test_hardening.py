@@ -83,8 +83,8 @@ def test_a_device_node_is_written_through_never_replaced(tmp_path, capsys):
 def test_a_fifo_is_written_through(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    reader = subprocess.Popen([sys.executable, "-c", f"import sys; sys.stdout.write(str(len(open({str(fifo)!r}, 'rb').read())))"],
-                              stdout=subprocess.PIPE, text=True)
+    code = f"import sys; sys.stdout.write(str(len(open({str(fifo)!r}, 'rb').read())))"
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     imageio.save_png(Image.new("RGB", (8, 8), "red"), fifo, parameters="x")
     assert int(reader.communicate(timeout=30)[0]) > 0
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
@@ -285,3 +285,33 @@ def test_malformed_folder_files_are_named_with_their_field(tmp_path, capsys, rel
     err = capsys.readouterr().err
     assert code == 2 and message in err and one_line(err), err
     assert rel in err or rel.split("/")[0] in err
+
+
+# -- integrity -----------------------------------------------------------------------------------------------
+
+def test_verify_sha256_catches_a_flipped_byte_and_remembers_good_hashes(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from sdrt.engines import files
+
+    monkeypatch.setenv("SDRT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    hashed, sha256_file = [], files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path, *a: hashed.append(path) or sha256_file(path, *a))
+    argv = ["generate", str(folder), "a red circle", "--steps", "1", "-q", "--verify", "sha256"]
+    assert main([*argv, "-o", str(tmp_path / "a.png")]) == 0
+    first = len(hashed)
+    assert first >= 4 and (tmp_path / "cache" / files.HASH_CACHE).is_file()
+    assert main([*argv, "-o", str(tmp_path / "b.png")]) == 0
+    assert len(hashed) == first  # unchanged files: the remembered hashes
+    weights = folder / "vae_decoder" / "model.onnx"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))  # same size: the default check cannot see it
+    assert main([*argv[:-2], "-o", str(tmp_path / "c.png")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "-o", str(tmp_path / "d.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its sha256" in err and "vae_decoder" in err and one_line(err)
+    assert not (tmp_path / "d.png").exists()
