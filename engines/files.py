@@ -65,3 +65,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# An ONNX tensor's external data names its file as a StringStringEntryProto {key: "location", value: PATH}:
+# field 1 (tag 0x0a) "location" (8 bytes), then field 2 (tag 0x12), a varint length and the path.
+_LOCATION = b"\x0a\x08location\x12"
+
+
+def external_data_locations(path: str | os.PathLike) -> set[str]:
+    """The external-data file names an .onnx file refers to, read from its bytes without parsing the model
+    (the runtime has no onnx dependency); weights stored inside the file are skipped over by the search."""
+    import mmap
+
+    found = set()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(_LOCATION)
+            while at >= 0:
+                i, length, shift = at + len(_LOCATION), 0, 0
+                while i < len(data) and shift < 35:  # the varint length of the path
+                    byte = data[i]
+                    length |= (byte & 0x7F) << shift
+                    i, shift = i + 1, shift + 7
+                    if not byte & 0x80:
+                        break
+                if 0 < length <= 4096 and i + length <= len(data):
+                    found.add(bytes(data[i:i + length]).decode("utf-8", "replace"))
+                at = data.find(_LOCATION, at + 1)
+    return found
+
+
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse a model whose external data lies outside its folder (an absolute path, `..`, a symlink out):
+    checked by sdrt before a session is made, whatever onnxruntime version checks it too."""
+    from sdrt.engines.errors import EngineError
+
+    path = Path(path)
+    folder = path.resolve().parent
+    for location in sorted(external_data_locations(path)):
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or ".." in Path(location).parts or folder not in target.parents:
+            raise EngineError(f"{path} keeps its weights outside its folder ({location!r} -> {target}); refusing "
+                              "to load it: re-export the model, or move the data file beside model.onnx")

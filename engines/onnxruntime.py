@@ -12,6 +12,7 @@ import numpy as np
 
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
+from sdrt.engines.files import check_external_data
 from sdrt.engines.iobinding import BoundRunner
 from sdrt.engines.profiles import dims_from_shapes
 from sdrt.engines.resident import Resident
@@ -225,6 +226,7 @@ class OrtEngine(Engine):
         # not from add_initializer's (onnxruntime 1.32: a replaced Conv weight is silently ignored); it is
         # turned off where a convolution's weight (4-D) is replaced.
         disabled = ["NchwcTransformer"] if any(a.ndim >= 3 for a in self._initializers.values()) else None
+        check_external_data(self.path)  # weights outside the folder are refused before onnxruntime opens them
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers,
                                                  disabled_optimizers=disabled)

@@ -315,3 +315,56 @@ def test_verify_sha256_catches_a_flipped_byte_and_remembers_good_hashes(tmp_path
     err = capsys.readouterr().err
     assert "does not match its sha256" in err and "vae_decoder" in err and one_line(err)
     assert not (tmp_path / "d.png").exists()
+
+
+def _model_with_external_data(folder, location):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight = numpy_helper.from_array(np.arange(1024, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    if location != "w.bin":  # point the tensor elsewhere, as a tampered or hostile file would
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        for entry in model.graph.initializer[0].external_data:
+            if entry.key == "location":
+                entry.value = location
+        onnx.save_model(model, str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize("kind", ["absolute", "parent", "symlink"])
+def test_external_data_outside_the_folder_is_refused_before_onnxruntime(tmp_path, kind):
+    from sdrt.engines.errors import EngineError
+    from sdrt.engines.files import check_external_data, external_data_locations
+    from sdrt.engines.onnxruntime import OrtEngine
+    from sdrt.engines.spec import NetworkSpec, TensorSpec
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.arange(1024, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    location = {"absolute": str(outside), "parent": "../outside.bin", "symlink": "w.bin"}[kind]
+    path = _model_with_external_data(folder, location)
+    if kind == "symlink":
+        (folder / "w.bin").unlink()
+        (folder / "w.bin").symlink_to(outside)
+    assert external_data_locations(path) == {location}
+    with pytest.raises(EngineError, match="keeps its weights outside its folder"):
+        check_external_data(path)
+    spec = NetworkSpec("n", (TensorSpec("x", "float32", (1024,)),), (TensorSpec("y", "float32", (1024,)),), 8)
+    with pytest.raises(EngineError, match="outside its folder"):
+        OrtEngine(path, spec).run({"x": np.zeros(1024, np.float32)})
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    from sdrt.engines.files import check_external_data, external_data_locations
+
+    path = _model_with_external_data(tmp_path / "model", "w.bin")
+    assert external_data_locations(path) == {"w.bin"}
+    check_external_data(path)
+    assert external_data_locations(DEMO + "/unet/model.onnx") == set()  # weights inside the file
