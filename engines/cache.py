@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sdrt.engines.errors import EngineError
-from sdrt.engines.files import atomic_write_bytes, atomic_write_json, sha256_file
+from sdrt.engines.files import atomic_write_bytes, atomic_write_json, memo_sha256, sha256_file
 
 CACHE_ENV = "SDRT_CACHE_DIR"
 KEY_FILE = "key.json"
@@ -189,24 +189,12 @@ def onnx_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     path = Path(path).resolve()
     files = [path] + [p for p in (path.with_name(path.name + "_data"), path.with_suffix(".onnx_data")) if p.is_file()]
     files = list(dict.fromkeys(files))
-    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    memo_path = Path(cache_dir or default_cache_dir()) / "hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    entry = memo.get(str(path))
-    if entry and entry.get("stamp") == stamp:
-        return entry["sha256"]
-    digest = sha256_file(files[0]) if len(files) == 1 else \
-        hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
-    memo[str(path)] = {"stamp": stamp, "sha256": digest}
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(memo_path, memo)
-    except OSError:  # a read-only cache only costs a re-hash next time
-        pass
-    return digest
+
+    def combined(files):
+        return sha256_file(files[0]) if len(files) == 1 else \
+            hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+    return memo_sha256(path, files, cache_dir, combined)
 
 
 class PlanCache:

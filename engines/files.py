@@ -19,35 +19,41 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-HASH_CACHE = "hashes.json"  # in the cache folder (engines.cache): path -> [size, mtime_ns, sha256]
+HASH_CACHE = "hashes.json"  # in the cache folder (engines.cache): path -> {stamp, sha256}
 
 
-def cached_sha256(path: str | os.PathLike) -> str:
-    """sha256_file, remembered per (path, size, mtime) in the cache folder, so that a full check of a folder costs
-    once per file change. A cache that cannot be read or written is ignored (the hash is computed)."""
+def memo_sha256(path: str | os.PathLike, files: list | None = None, cache_dir: str | os.PathLike | None = None,
+                compute=None) -> str:
+    """A file's sha256 (or `compute(files)` over several), remembered under `path` with every file's (size,
+    mtime) in the cache folder, so that checking it again costs nothing until a file changes. A cache that
+    cannot be read or written only costs a re-hash."""
     from sdrt.engines.cache import default_cache_dir
 
     path = Path(path).resolve()
-    st = path.stat()
-    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
-    store = default_cache_dir() / HASH_CACHE
+    files = files or [path]
+    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    store = Path(cache_dir or default_cache_dir()) / HASH_CACHE
     try:
-        table = json.loads(store.read_text())
-        if not isinstance(table, dict):
-            table = {}
+        memo = json.loads(store.read_text())
     except (OSError, ValueError):
-        table = {}
-    entry = table.get(key)
-    if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str):
-        return entry[2]
-    digest = sha256_file(path)
-    table[key] = [*stamp, digest]
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    entry = memo.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = compute(files) if compute is not None else sha256_file(files[0])
+    memo[str(path)] = {"stamp": stamp, "sha256": digest}
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(store, table)
+        atomic_write_json(store, memo)
     except OSError:
         pass
     return digest
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256_file of one file, remembered per (path, size, mtime) (memo_sha256)."""
+    return memo_sha256(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -10,6 +10,8 @@ in for the TensorRT version it was built against, plus tensorrt's own version wh
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 from sdrt.engines.cache import BuildKey, GpuInfo, PlanCache, detect_gpu, onnx_sha256, write_key_record
@@ -54,8 +56,18 @@ def tensorrt_ep_options(path: str | os.PathLike, spec: NetworkSpec | None = None
     shapes = profile.profile(spec) if profile is not None and spec is not None else None
     key = ep_key(path, spec, shapes, precision, gpu if gpu is not None else detect_gpu(device_id), cache.root)
     folder = cache.entry(key)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_key_record(folder, key)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_key_record(folder, key)
+    except OSError as e:  # a read-only $SDRT_CACHE_DIR or home: this run builds into a private temporary cache
+        fallback = Path(tempfile.gettempdir()) / f"sdrt-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        warnings.warn(f"the engine cache {cache.root} cannot be written ({e}); caching in {fallback} instead "
+                      "(set SDRT_CACHE_DIR to a writable folder to keep engines between runs)", RuntimeWarning,
+                      stacklevel=2)
+        cache = PlanCache(fallback, kind="tensorrt-ep")
+        folder = cache.entry(key)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_key_record(folder, key)
     options = {
         "device_id": device_id,
         "trt_fp16_enable": precision == "fp16",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -407,3 +408,14 @@ def test_missing_cuda_python_names_the_extra():
         import_cudart()
     except BackendNotInstalledError as e:
         assert "sdrt[tensorrt]" in str(e)
+
+
+def test_tensorrt_ep_options_with_an_unwritable_cache_fall_back_to_a_temporary_one(onnx_file, tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # a cache root that cannot be created (read-only for root too)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        options = tensorrt_ep_options(onnx_file, VAE, cache_dir=blocked / "cache", gpu=H100)
+    assert Path(options["trt_engine_cache_path"]).is_dir()
+    assert str(tmp_path / "tmp") in options["trt_engine_cache_path"]
