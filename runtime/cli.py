@@ -228,6 +228,24 @@ def _control(args) -> tuple[dict, dict]:
 
 
 def cmd_generate(args) -> int:
+    """--auto-memory: a run refused for memory (before anything ran) is tried again with --low-memory and a tiled
+    VAE (256 px tiles unless --tile-size is given)."""
+    from sdrt.runtime.errors import InsufficientMemoryError
+
+    prompt = args.prompt
+    try:
+        return _generate(args)
+    except InsufficientMemoryError as e:
+        if not args.auto_memory or (args.low_memory and args.tile_size is not None):
+            raise
+        args.prompt, args.low_memory = prompt, True
+        args.tile_size = args.tile_size or 256
+        print(f"sdrt generate: note: {str(e).split('; try ')[0]}; --auto-memory: trying again with --low-memory "
+              f"--tile-size {args.tile_size}", file=sys.stderr)
+        return _generate(args)
+
+
+def _generate(args) -> int:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.errors import InvalidInputError
 
@@ -556,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile-size", type=int, default=None,
                    help="VAE decode (and encode) in tiles of this many px (a multiple of 8, e.g. 256): less memory "
                         "for big images; blended tiles differ slightly from a whole decode")
+    g.add_argument("--auto-memory", action="store_true",
+                   help="if the run would not fit in memory, switch to --low-memory and a tiled VAE instead of "
+                        "stopping (the memory check runs before any network)")
     g.add_argument("--tile-overlap", type=int, default=None,
                    help="px shared by neighbouring tiles, blended (a multiple of 8; default a quarter of --tile-size)")
     g.add_argument("--verify", choices=("size", "sha256", "none"), default="size",
@@ -622,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    # Warnings as one line each, in sdrt's voice (not Python's file:line and source line).
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"sdrt {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except SdrtError as e:

@@ -105,3 +105,37 @@ def test_the_estimate_stays_above_the_measured_peak_within_a_small_factor(demo, 
     pipe = StableDiffusionPipeline.from_pretrained(default_model(), low_memory=True) if low else demo
     predicted = estimate(pipe, size, cfg_mode="sequential" if low else "batched").total
     assert measured <= predicted <= 4 * measured, (size, low, measured, predicted)
+
+
+def test_auto_memory_switches_to_low_memory_and_tiles_instead_of_stopping(monkeypatch, capsys, tmp_path):
+    """256 px on the demo needs ~6 GiB batched, ~1.3 GiB in low-memory mode: with 3 GiB, --auto-memory runs it."""
+    monkeypatch.setenv(budget.MEMORY_ENV, str(3 * GIB))
+    argv = ["generate", str(default_model()), "a red circle <lora:x:1>", "--size", "128x128", "--steps", "1",
+            "--seed", "3", "-q", "--lora-dir", str(tmp_path)]
+    (tmp_path / "x.safetensors").write_bytes(b"")  # a tag kept through the retry: an empty file is refused
+    assert main([*argv, "-o", str(tmp_path / "a.png"), "--auto-memory"]) == 2
+    assert "x.safetensors" in capsys.readouterr().err
+    monkeypatch.setenv(budget.MEMORY_ENV, str(int(0.55 * GIB)))
+    argv = argv[:2] + ["a red circle"] + argv[3:-2]
+    assert main([*argv, "-o", str(tmp_path / "b.png")]) == 2
+    assert "needs about" in capsys.readouterr().err
+    assert main([*argv, "-o", str(tmp_path / "c.png"), "--auto-memory"]) == 0
+    err = capsys.readouterr().err
+    assert "--auto-memory: trying again with --low-memory --tile-size 256" in err and "note:" in err
+    assert (tmp_path / "c.png").is_file()
+    # the same image as asking for low memory and tiles directly
+    assert main([*argv, "-o", str(tmp_path / "d.png"), "--low-memory", "--tile-size", "256"]) == 0
+    from PIL import Image
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(tmp_path / "d.png")))
+
+
+def test_cli_warnings_are_one_line_in_sdrts_voice(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "generate", str(default_model()), "a red circle",
+                          "--size", "96x96", "--steps", "1", "-q", "-o", str(tmp_path / "o.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert lines and lines[0].startswith("sdrt generate: warning: 96x96 is far past")
+    assert "budget.py" not in out.stderr and "RuntimeWarning" not in out.stderr

@@ -131,7 +131,7 @@ def estimate(run, height: int | None = None, width: int | None = None) -> Estima
     weights = {name: _file_bytes(folder.onnx_path(name)) for name in loaded if folder.onnx_path(name).is_file()}
     for k, (net, _) in enumerate(models.controlnets):
         weights[f"controlnet {k}"] = _file_bytes(net.path / "model.onnx")
-    tile = run.vae_tiling.tile_size if run.vae_tiling is not None else None
+    tile = run.vae_tiling.size if run.vae_tiling is not None else None
     dh, dw = (min(tile, height), min(tile, width)) if tile else (height, width)
     arena = not models.low_memory  # low-memory sessions run without onnxruntime's arena
     unet = unet_activations(folder.unet_config, rows, latent_h, latent_w, fused, arena)
