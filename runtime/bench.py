@@ -62,6 +62,7 @@ class BenchSettings:
     allow_fallback: bool = False  # a provider that is missing or fails: the next one down (cuda -> cpu), warned
     io_binding: bool | None = None  # None: on for onnxruntime on a GPU
     cuda_graph: bool = False  # the UNet with fixed shapes and a captured CUDA graph
+    verify: str = "size"  # the folder's files against sdrt.json first: size, sha256 (remembered per file), none
 
     def check(self) -> None:
         for name in ("steps", "batch", "runs"):
@@ -76,7 +77,7 @@ class BenchSettings:
     def pipeline_options(self) -> dict:
         """The keywords that open the pipeline (also sent to the cold-start subprocess)."""
         return dict(provider=self.provider, scheduler=self.scheduler, allow_fallback=self.allow_fallback,
-                    io_binding=self.io_binding, cuda_graph=self.cuda_graph)
+                    io_binding=self.io_binding, cuda_graph=self.cuda_graph, verify=self.verify)
 
     def pipeline_kwargs(self) -> dict:
         """The keywords of one StableDiffusionPipeline call (also sent to the cold-start subprocess)."""

@@ -426,7 +426,8 @@ def cmd_bench(args) -> int:
     settings = bench.BenchSettings(
         provider=args.provider, steps=args.steps, width=width, height=height, batch=args.batch,
         guidance=args.guidance, scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, seed=args.seed,
-        cold_start=not args.no_cold_start, allow_fallback=args.allow_fallback, **_engine_flags(args),
+        cold_start=not args.no_cold_start, allow_fallback=args.allow_fallback, verify=args.verify,
+        **_engine_flags(args),
     )
     if args.out is not None:
         out = Path(args.out)
@@ -611,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
+    b.add_argument("--verify", choices=("size", "sha256", "none"), default="size",
+                   help="check the folder's files against sdrt.json first (as sdrt generate --verify)")
     b.add_argument("--out", default=None, help="folder for <date>-<machine> JSON + markdown (+ PNG)")
     b.add_argument("--plot", action="store_true", help="also write a PNG chart (needs --out)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -315,6 +315,9 @@ def test_verify_sha256_catches_a_flipped_byte_and_remembers_good_hashes(tmp_path
     err = capsys.readouterr().err
     assert "does not match its sha256" in err and "vae_decoder" in err and one_line(err)
     assert not (tmp_path / "d.png").exists()
+    assert main(["bench", str(folder), "--steps", "1", "--runs", "1", "--warmup", "0", "--no-cold-start", "-q",
+                 "--verify", "sha256"]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
 
 
 def _model_with_external_data(folder, location):
