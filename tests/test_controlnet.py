@@ -226,6 +226,8 @@ def test_low_memory_gives_the_same_image_and_can_alternate_the_networks(exported
         # sequential guidance: 2 calls per step; alternating releases the UNet and the ControlNet at each
         calls = 2 * pipe.scheduler.plan(STEPS).num_evaluations
         assert released.count(net) == (calls if alternate else 1)
+        if alternate:  # the UNet is loaded once per call, never only to leave again for the first ControlNet call
+            assert released.count(pipe.unet) == calls
     with pytest.raises(InvalidInputError, match="alternate_controlnet .* applies in low-memory mode"):
         StableDiffusionControlNetPipeline.from_pretrained(exported["sd1"], controlnet=nets["sd1"][1],
                                                           alternate_controlnet=True)

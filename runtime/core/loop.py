@@ -49,7 +49,10 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
     batch = len(latents)
     state = scheduler.initial_state(plan)
     models.stage_done(*(e for e in models.engines() if e is not unet))  # any stage left loaded
-    timestep_dtype = unet.input_dtypes["timestep"]
+    # The session's dtype (optimum folders differ from the spec); with ControlNets taking turns the spec's (sdrt's
+    # own export), so that the UNet is not loaded here only to leave for the first ControlNet call.
+    timestep_dtype = np.dtype(unet.spec.input("timestep").dtype) if getattr(models, "alternate_controlnet", False) \
+        else unet.input_dtypes["timestep"]
     guided_calls, conditional_calls = _halves(run.conditioning, guidance.enabled, run.cfg_mode == "sequential")
     resident = {}  # id of a conditioning part -> (batch, the device-resident part), made once per generation
 
