@@ -30,6 +30,7 @@ SCORE_COPIES = {True: 5.5, False: 2.5}  # arena on -> copies
 FEATURE_COPIES = 6  # a block's input, output, its norm and activation and the skip tensors alive together
 FLOAT = 4  # bytes (fp32 activations; fp16 folders keep fp32 IO and mostly fp16 inside: counted as fp32)
 BASE_BYTES = 300 * 2**20  # the interpreter, NumPy, onnxruntime and the tokenizers
+REFUSE_ABOVE = 1.25  # refuse when the estimate exceeds the memory available by this much; warn in between
 MEMORY_ENV = "SDRT_AVAILABLE_MEMORY"  # bytes: overrides what the machine reports (tests, containers)
 
 
@@ -164,6 +165,11 @@ def check(run) -> Estimate | None:
         return None
     found = estimate(run)
     if found.total <= available:
+        return found
+    if found.total <= REFUSE_ABOVE * available:  # the estimate errs high: a close call runs, with a warning
+        warnings.warn(f"{run.width}x{run.height} x {run.batch} may not fit in memory: about {gib(found.total)} "
+                      f"estimated, {gib(available)} available (--low-memory, or sdrt optimize, lowers it)",
+                      RuntimeWarning, stacklevel=3)
         return found
     hints = []
     if not run.models.low_memory or (run.guidance.enabled and run.cfg_mode != "sequential"):
