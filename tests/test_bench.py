@@ -151,7 +151,7 @@ def test_bench_passes_io_options_to_the_pipeline(exported, capsys):
     assert "cuda_graph needs the CUDA or TensorRT execution provider" in capsys.readouterr().err
     settings = bench.BenchSettings(io_binding=False, cuda_graph=True, allow_fallback=True)
     assert settings.pipeline_options() == dict(provider="cpu", scheduler=None, allow_fallback=True, io_binding=False,
-                                               cuda_graph=True)
+                                               cuda_graph=True, verify="size")
 
 
 def test_folder_that_is_not_an_export(tmp_path, capsys):
