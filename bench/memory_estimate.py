@@ -74,6 +74,22 @@ def estimate(pipe, size: int, low: bool):
     return budget.estimate(run)
 
 
+def re_estimate(result: dict, folder: Path) -> None:
+    """Recompute each configuration's estimate (and ratios) with the current budget factors, in place."""
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+
+    pipes = {low: StableDiffusionPipeline.from_pretrained(folder, low_memory=low) for low in (False, True)}
+    for c in result["configs"]:
+        e, m = estimate(pipes[c["low_memory"]], c["size"], c["low_memory"]), c["measured"]
+        c["previous_estimate"] = {"estimate": c["estimate"], "ratio": c["ratio"], "part_ratios": c["part_ratios"]}
+        c["estimate"], c["ratio"] = estimate_dict(e), round(e.total / m["peak_bytes"], 3)
+        c["part_ratios"] = {part: round(e.parts[part] / m[f"peak_{part}_bytes"], 3)
+                            for part in ("denoising", "decoding") if m.get(f"peak_{part}_bytes")}
+    result["previous_budget_factors"] = result.get("budget_factors")
+    result["budget_factors"] = _factors()
+    result["re_estimated"] = datetime.datetime.now().isoformat(timespec="seconds")
+
+
 def estimate_dict(e) -> dict:
     return {"total_bytes": e.total, "parts_bytes": dict(e.parts), "weights_bytes": dict(e.weights)}
 
@@ -225,13 +241,17 @@ def summarize(r: dict) -> list[str]:
                 f"{g(m['rss_at_decode_start_bytes'])} GiB RSS")
         if not c["low_memory"]:
             extra = m["rss_at_decode_start_bytes"] - sum(weights.values()) + weights.get("vae_decoder", 0) - base
+            retained = r.get("budget_factors", {}).get("UNET_RETAINED")
+            counted = (f"which the estimate's decoding part counts as UNET_RETAINED={retained} of the UNet's "
+                       "activations") if retained else ("which the estimate's decoding part (every network's "
+                                                         "weights + the decoder's activations) does not count")
             text += (f", {g(extra)} GiB above the weights loaded by then (all but the decoder's) + BASE_BYTES"
-                     + (": what the UNet call left held (its arena), which the estimate's decoding part (every "
-                        "network's weights + the decoder's activations) does not count" if extra > 0.1 * GIB else
-                        "") )
+                     + (f": what the UNet call left held (its arena), {counted}" if extra > 0.1 * GIB else ""))
         text += (f"; the decode itself (its session loaded then: engines load at first use) added {g(added)} GiB "
                  f"where the estimate counts {g(weights.get('vae_decoder', 0))} GiB of decoder weights + "
-                 f"{g(est_decode)} GiB of decoder activations and images.")
+                 f"{g(est_decode)} GiB of decoder activations and images"
+                 + (" (with the UNet's retained arena)" if not c["low_memory"] and
+                    r.get("budget_factors", {}).get("UNET_RETAINED") else "") + ".")
         out.append(text)
     mismatched = [c["name"] for c in rows if not c.get("pipeline_check_matches", True)]
     if mismatched:
@@ -240,6 +260,10 @@ def summarize(r: dict) -> list[str]:
     else:
         out.append("The pipeline's own budget.check computed the same estimate for each real run as the helper "
                    "(tests/test_budget.py's way).")
+    if r.get("re_estimated"):
+        out.append(f"Estimates recomputed on {r['re_estimated']} with the budget factors then in force "
+                   f"({r['budget_factors']}); the measurements are those of the run above; the earlier estimates "
+                   "are in the JSON (previous_estimate).")
     out.append("One run per configuration (peak RSS is far less noisy than time, but one run is one run). VmHWM "
                "counts file-backed pages too: the UNet's weights in model.onnx_data are mapped by onnxruntime, and "
                "resident pages of that mapping count as RSS.")
@@ -258,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--stem", default=None, help="result file stem (default memory-estimate-sd15-<date>)")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the summary and markdown of an earlier result (measures nothing)")
+    p.add_argument("--re-estimate", action="store_true",
+                   help="with --from-json: keep the measurements, recompute every estimate with today's "
+                        "runtime/core/budget.py (after its factors change); the earlier estimates are kept as "
+                        "previous_estimate")
     p.add_argument("--worker", nargs=2, metavar=("SIZE", "LOW"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -267,6 +295,8 @@ def main(argv=None) -> int:
 
     if args.from_json:
         result = json.loads(args.from_json.read_text())
+        if args.re_estimate:
+            re_estimate(result, args.folder)
         result["summary"] = summarize(result)
         markdown = to_markdown(result)
         print(markdown)
@@ -359,7 +389,8 @@ def _factors() -> dict:
 
     return {"SCORE_COPIES": {"arena": budget.SCORE_COPIES[True], "no_arena": budget.SCORE_COPIES[False]},
             "FEATURE_COPIES": budget.FEATURE_COPIES, "BASE_BYTES": budget.BASE_BYTES,
-            "REFUSE_ABOVE": budget.REFUSE_ABOVE}
+            "REFUSE_ABOVE": budget.REFUSE_ABOVE,
+            **{k: getattr(budget, k) for k in ("DECODER_COPIES", "PREPACKED", "UNET_RETAINED") if hasattr(budget, k)}}
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ What dominates, and is counted:
   resolution with attention, so they grow with the fourth power of the image side. Rows are the images of one
   UNet call (twice the batch with batched guidance, the batch in sequential mode);
 - the feature maps of the largest stage (the UNet's first level, the VAE decoder's full-resolution blocks per
-  image or per tile; its mid-block attention at latent resolution).
+  image or per tile; its mid-block attention at latent resolution), onnxruntime's prepacked copies of the
+  decoder's weights, and, outside low-memory mode, what the UNet's arena still holds while the decoder runs.
 
-The factors were checked against measured peak RSS (bench/memory_estimate.py). The estimate is a guard against
+The factors were checked against measured peak RSS (bench/memory_estimate.py: the SD1.5 architecture at 256-768
+px, normal and low-memory mode; tests/test_budget.py: the demo model). The estimate is a guard against
 runs that cannot fit (an image far past the trained size, a huge batch), not a prediction to the megabyte.
 """
 
@@ -26,8 +28,11 @@ from sdrt.runtime.errors import InsufficientMemoryError
 # An unfused attention holds the scores and their softmax at once, and onnxruntime's arena (grown by doubling,
 # kept between calls) holds more: measured on the demo UNet at 128-256 px, 2-2.5 maps without the arena
 # (low-memory sessions), up to 5.3 with it.
-SCORE_COPIES = {True: 5.5, False: 2.5}  # arena on -> copies
+SCORE_COPIES = {True: 5.5, False: 3.0}  # arena on -> copies (SD1.5 low-memory 512-768 px: 2.7-2.9)
 FEATURE_COPIES = 6  # a block's input, output, its norm and activation and the skip tensors alive together
+DECODER_COPIES = 8  # the VAE decoder's full-resolution blocks (measured: SD1.5's at 256-768 px)
+PREPACKED = 2  # onnxruntime's reordered (NCHWc, prepacked) copies of a decoder's conv weights, per byte of file
+UNET_RETAINED = 0.7  # of the UNet's activations, what its arena still holds when the decoder runs (arena on)
 FLOAT = 4  # bytes (fp32 activations; fp16 folders keep fp32 IO and mostly fp16 inside: counted as fp32)
 BASE_BYTES = 300 * 2**20  # the interpreter, NumPy, onnxruntime and the tokenizers
 REFUSE_ABOVE = 1.25  # refuse when the estimate exceeds the memory available by this much; warn in between
@@ -108,7 +113,7 @@ def decoder_activations(config: dict, height: int, width: int, scale: int, fused
     """One image (or tile) through the VAE decoder: its widest feature map, and its mid-block attention (one
     head, at latent resolution) where unfused."""
     channels = list(config.get("block_out_channels") or [128])
-    features = max(FEATURE_COPIES * c * -(-height // 2**level) * -(-width // 2**level) * FLOAT
+    features = max(DECODER_COPIES * c * -(-height // 2**level) * -(-width // 2**level) * FLOAT
                    for level, c in enumerate(channels))
     tokens = -(-height // scale) * -(-width // scale)
     attention = 0 if fused or config.get("mid_block_add_attention") is False else \
@@ -138,6 +143,7 @@ def estimate(run, height: int | None = None, width: int | None = None) -> Estima
     unet = unet_activations(folder.unet_config, rows, latent_h, latent_w, fused, arena)
     unet += sum(unet_activations(net.config, rows, latent_h, latent_w, False, arena) for net, _ in models.controlnets)
     decoder = decoder_activations(folder.configs.get("vae_decoder", {}), dh, dw, scale, fused, arena)
+    decoder += PREPACKED * weights.get(models.vae_choice.decoder, 0)
     latents = 2 * rows * folder.vae.latent_channels * latent_h * latent_w * FLOAT
     images = run.batch * 3 * height * width * (FLOAT + 1)  # the decoded batch, float and uint8
     if models.low_memory:
@@ -146,7 +152,8 @@ def estimate(run, height: int | None = None, width: int | None = None) -> Estima
                  "decoding": weights.get(models.vae_choice.decoder, 0) + decoder + images}
     else:
         everything = sum(weights.values())
-        parts = {"denoising": everything + unet + latents, "decoding": everything + decoder + images}
+        parts = {"denoising": everything + unet + latents,
+                 "decoding": everything + int(UNET_RETAINED * unet) + decoder + images}
     parts = {k: v + BASE_BYTES for k, v in parts.items()}
     return Estimate(max(parts.values()), parts, weights)
 
