@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -103,14 +104,22 @@ def external_data_locations(path: str | os.PathLike) -> set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=64)
+def _locations(path: str, size: int, mtime_ns: int) -> frozenset:
+    return frozenset(external_data_locations(path))
+
+
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse a model whose external data lies outside its folder (an absolute path, `..`, a symlink out):
-    checked by sdrt before a session is made, whatever onnxruntime version checks it too."""
+    checked by sdrt before a session is made, whatever onnxruntime version checks it too. The file is scanned
+    once per (path, size, mtime) in a process (low-memory mode reloads sessions every generation); the targets
+    are resolved every time (a symlink may change)."""
     from sdrt.engines.errors import EngineError
 
     path = Path(path)
     folder = path.resolve().parent
-    for location in sorted(external_data_locations(path)):
+    st = path.stat()
+    for location in sorted(_locations(str(path.resolve()), st.st_size, st.st_mtime_ns)):
         target = (folder / location).resolve()
         if Path(location).is_absolute() or ".." in Path(location).parts or folder not in target.parents:
             raise EngineError(f"{path} keeps its weights outside its folder ({location!r} -> {target}); refusing "
