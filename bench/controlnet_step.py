@@ -658,11 +658,7 @@ def main(argv=None) -> int:
     repo = Path(__file__).resolve().parent.parent
 
     def git_state() -> dict:  # the runtime may change under a long run in a shared checkout: recorded per part
-        return {"head": subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(),
-                "uncommitted_runtime_engines": subprocess.run(
-                    ["git", "-C", str(repo), "status", "--porcelain", "runtime", "engines"], capture_output=True,
-                    text=True).stdout.split("\n")[:-1]}
+        return rb.source_state(repo)
 
     git = git_state()
     seconds = {}

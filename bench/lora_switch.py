@@ -222,11 +222,7 @@ def measure(args, info: dict) -> dict:
               height=height, width=width, seed=args.seed, output_type="np")
     machine = rb.machine_info()
     repo = Path(__file__).resolve().parent.parent
-    git = {"head": subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip(),
-           "uncommitted_runtime_engines": subprocess.run(
-               ["git", "-C", str(repo), "status", "--porcelain", "runtime", "engines"], capture_output=True,
-               text=True).stdout.split("\n")[:-1]}
+    git = rb.source_state(repo)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     mem = [memory("process start (sdrt + onnxruntime imported)")]
 

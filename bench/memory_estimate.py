@@ -313,11 +313,7 @@ def main(argv=None) -> int:
     from sdrt.runtime.pipeline import StableDiffusionPipeline
 
     repo = Path(__file__).resolve().parent.parent
-    git = {"head": subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip(),
-           "uncommitted_runtime_engines": subprocess.run(
-               ["git", "-C", str(repo), "status", "--porcelain", "runtime", "engines"], capture_output=True,
-               text=True).stdout.split("\n")[:-1]}
+    git = rb.source_state(repo)
     machine = rb.machine_info()
     started = datetime.datetime.now().isoformat(timespec="seconds")
     t_script = time.perf_counter()

@@ -175,6 +175,18 @@ def library_versions(extra: Sequence[str] = ()) -> dict:
     return out
 
 
+def source_state(repo) -> dict:
+    """The checkout a benchmark ran from: its short HEAD and the uncommitted files under runtime/ and engines/
+    (`git status --porcelain` lines), recorded beside the figures."""
+    import subprocess
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout
+
+    return {"head": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted_runtime_engines": git("status", "--porcelain", "runtime", "engines").split("\n")[:-1]}
+
+
 def machine_info(extra_libraries: Sequence[str] = ()) -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
