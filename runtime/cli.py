@@ -458,6 +458,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "the whole generation (on by default for cuda and tensorrt-ep)")
 
 
+def cmd_serve(args) -> int:
+    from sdrt.serve.cli import serve  # fastapi and uvicorn are imported there, when the server starts
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -641,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    from sdrt.serve.cli import add_arguments as serve_arguments  # no web framework imported here
+
+    v = sub.add_parser("serve", help="serve models over HTTP (OpenAI Images and A1111 APIs, continuous batching; "
+                       "needs sdrt[serve])")
+    serve_arguments(v)
+    v.set_defaults(func=cmd_serve)
     return p
 
 

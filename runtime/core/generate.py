@@ -126,12 +126,23 @@ class Generator:
         self.adapters = Adapters(self.models)
 
     def generate(self, request: Request, tasks: Sequence) -> PipelineOutput:
+        run = self.prepare(request, tasks)
+        loras = self.adapters.wanted(request.loras)  # LoRA files read and matched to the weights now
+        run.parameters.update(self.adapters.describe(loras))
+
+        with self.adapters.using(loras):
+            latents = loop.denoise(run, self.start(run))
+            return self.finish(run, latents)
+
+    # The stages of `generate`, for a caller that runs many generations' denoise loops together (sdrt.serve).
+
+    def prepare(self, request: Request, tasks: Sequence) -> Run:
+        """1. A Run with every check done (before any engine runs), its plan and its generator."""
         guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
                             request.guidance_interval)
         scheduler = self.scheduler if request.scheduler is None else self._scheduler(request.scheduler)
         run = Run(request, self.family, tuple(tasks), self.models, scheduler, guidance, self.cfg_mode,
                   self.vae_tiling, self.emphasis)
-        # 1. Every check, before any engine runs.
         self.family.check(run)
         for task in run.tasks:
             task.prepare(run)
@@ -141,20 +152,22 @@ class Generator:
         run.plan = plan
         budget.check(run)  # the estimated peak against the memory available, before anything is allocated
         run.generator = request.make_generator()
-        loras = self.adapters.wanted(request.loras)  # LoRA files read and matched to the weights now
-        run.parameters.update(self.adapters.describe(loras))
+        return run
 
-        with self.adapters.using(loras):
-            # 2. Conditioning (text encoders), 3. initial latents, 4. denoise, 5. decode and finish.
-            run.conditioning = self.family.conditioning(run)
-            run.conditioning.update(zero_residuals(run))
-            latents = None
-            for task in run.tasks:
-                latents = task.start(run, latents)
-            latents = loop.denoise(run, latents)
-            images = codec.decode(self.models, latents, request.output_type, self.vae_tiling, run.timings)
-            for task in run.tasks:
-                images = task.finish(run, images)
+    def start(self, run: Run) -> np.ndarray:
+        """2. Conditioning (text encoders) and 3. the initial latents."""
+        run.conditioning = self.family.conditioning(run)
+        run.conditioning.update(zero_residuals(run))
+        latents = None
+        for task in run.tasks:
+            latents = task.start(run, latents)
+        return latents
+
+    def finish(self, run: Run, latents: np.ndarray) -> PipelineOutput:
+        """5. Decode and finish the denoised latents."""
+        images = codec.decode(self.models, latents, run.request.output_type, self.vae_tiling, run.timings)
+        for task in run.tasks:
+            images = task.finish(run, images)
         return PipelineOutput(images, getattr(run.generator, "seed", None), self._parameters(run), run.timings)
 
     def _scheduler(self, name: str) -> Scheduler:

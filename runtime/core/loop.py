@@ -4,11 +4,16 @@ For each evaluation of the plan: the scheduler's model input, the tasks' additio
 denoiser inputs), the denoiser with the family's conditioning (both guidance halves, batched or one after
 the other, or the conditional half alone outside the guidance interval), guidance, one solver step, the
 tasks' after-step, then the callback. Nothing here branches on the family, the task or the solver.
+
+`Denoising` is one run's loop as a sequence of steps whose UNet calls the caller makes: `calls()` gives the
+feeds of the current evaluation, `advance(outputs)` does the rest. `denoise` drives one run with it; the
+server (sdrt.serve.batcher) drives many, their feeds concatenated into one UNet call per step.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -36,34 +41,110 @@ def _halves(conditioning: dict, guided: bool, sequential: bool) -> tuple[list, l
     return both, [(halves[1], (COND,))]
 
 
+class Denoising:
+    """One run's denoise loop from `latents`, an evaluation at a time: `calls()` then `advance(outputs)` until
+    `done`; `latents` is then the result.
+
+    resident: the conditioning goes to the UNet's device once per generation (`Engine.device_resident`; a no-op
+    for engines that take host arrays); False keeps host arrays in the feeds (a caller that concatenates them).
+    """
+
+    def __init__(self, run, latents: np.ndarray, resident: bool = True):
+        models, plan = run.models, run.plan
+        self.run, self.latents, self.i = run, latents, 0
+        self.unet = unet = models.unet
+        self.batch = len(latents)
+        self.state = run.scheduler.initial_state(plan)
+        models.stage_done(*(e for e in models.engines() if e is not unet))  # any stage left loaded
+        # The session's dtype (optimum folders differ from the spec); with ControlNets taking turns the spec's
+        # (sdrt's own export), so that the UNet is not loaded here only to leave for the first ControlNet call.
+        self.timestep_dtype = np.dtype(unet.spec.input("timestep").dtype) \
+            if getattr(models, "alternate_controlnet", False) else unet.input_dtypes["timestep"]
+        self.guided_calls, self.conditional_calls = _halves(run.conditioning, run.guidance.enabled,
+                                                            run.cfg_mode == "sequential")
+        self._resident = {}  # id of a conditioning part -> (batch, the part as fed), made once per generation
+        self._on_device = resident
+        self._parts(self.guided_calls)
+        self.per_call = [task for task in run.tasks
+                         if getattr(type(task), "call_inputs", None) is not _NO_CALL_INPUTS]
+        self.guided = False
+
+    @property
+    def done(self) -> bool:
+        return self.i >= self.run.plan.num_evaluations
+
+    def _parts(self, parts: list) -> list[tuple[int, dict, dict, tuple]]:
+        for part, _ in parts:
+            if id(part) not in self._resident:
+                fed = self.unet.device_resident(part) if self._on_device else part
+                self._resident[id(part)] = (len(part["encoder_hidden_states"]), fed)
+        return [(*self._resident[id(part)], part, halves) for part, halves in parts]
+
+    def calls(self) -> Iterator[dict]:
+        """The UNet feeds of the current evaluation (one, or one per guidance half when they run one after the
+        other), each made when the caller takes it: a ControlNet runs just before the call it feeds."""
+        run, i, plan = self.run, self.i, self.run.plan
+        t = plan.timesteps[i]
+        model_input = scaled = run.scheduler.scale_model_input(plan, i, self.latents)
+        step_inputs: dict[str, np.ndarray] = {}
+        for task in run.tasks:
+            model_input = task.model_input(run, i, model_input)
+            step_inputs.update(task.step_inputs(run, i, model_input))
+        self.guided = run.guidance.active(plan, i)
+        parts = self._parts(self.guided_calls if self.guided else self.conditional_calls)
+
+        def feeds():
+            for n, call, host, halves in parts:
+                repeat = n // self.batch
+                extra = {}
+                for task in self.per_call:  # inputs that differ per half (ControlNet residuals)
+                    extra.update(task.call_inputs(run, i, np.concatenate([scaled] * repeat), host, halves))
+                yield {
+                    "sample": np.concatenate([model_input] * repeat),
+                    "timestep": np.full((n,), t, dtype=self.timestep_dtype),
+                    **{name: np.concatenate([value] * repeat) for name, value in step_inputs.items()},
+                    **call,
+                    **extra,
+                }
+
+        return feeds()
+
+    def advance(self, outputs: list[np.ndarray]) -> None:
+        """The UNet's out_sample for each feed of `calls()`, in order -> guidance, one solver step, the tasks'
+        after-step and the callback; then the next evaluation."""
+        run, i, plan = self.run, self.i, self.run.plan
+        noise_pred = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        if not np.isfinite(noise_pred).all():
+            raise GenerationError(
+                f"the UNet returned NaN/Inf at step {i + 1}/{plan.num_evaluations} (timestep {plan.timesteps[i]}); "
+                "the model or its precision is broken for this input"
+            )
+        if self.guided:
+            noise_pred = run.guidance.combine(noise_pred)
+        self.latents, self.state = run.scheduler.step(plan, i, noise_pred, self.latents, self.state, run.generator)
+        for task in run.tasks:
+            self.latents = task.after_step(run, i, self.latents)
+        self.i += 1
+        if run.request.callback is not None and run.request.callback(i, float(plan.timesteps[i]), self.latents) \
+                is False:
+            raise CancelledError(f"cancelled by the callback after step {i + 1}/{plan.num_evaluations}")
+
+    def close(self) -> None:
+        """The loop's engines leave in low-memory mode (the ControlNets with the UNet)."""
+        models = self.run.models
+        models.stage_done(self.unet, *models.controlnet_engines)
+
+
 def denoise(run, latents: np.ndarray) -> np.ndarray:
     """Run every evaluation of `run.plan` from `latents` (sdrt.runtime.core.generate.Run) and return the result.
 
-    The conditioning goes to the UNet's device once per generation (`Engine.device_resident`; a no-op for
-    engines that take host arrays); each step sends the sample, the timestep and the tasks' per-step inputs,
-    and reads out_sample back for the scheduler. With fixed input buffers (CUDA graphs) the two sequential
-    halves take turns in one buffer, each copied in by its own call, so that every call reads the same addresses.
+    The conditioning goes to the UNet's device once per generation; each step sends the sample, the timestep and
+    the tasks' per-step inputs, and reads out_sample back for the scheduler. With fixed input buffers (CUDA
+    graphs) the two sequential halves take turns in one buffer, each copied in by its own call, so that every
+    call reads the same addresses.
     """
-    models, plan, scheduler, guidance = run.models, run.plan, run.scheduler, run.guidance
-    unet = models.unet
-    batch = len(latents)
-    state = scheduler.initial_state(plan)
-    models.stage_done(*(e for e in models.engines() if e is not unet))  # any stage left loaded
-    # The session's dtype (optimum folders differ from the spec); with ControlNets taking turns the spec's (sdrt's
-    # own export), so that the UNet is not loaded here only to leave for the first ControlNet call.
-    timestep_dtype = np.dtype(unet.spec.input("timestep").dtype) if getattr(models, "alternate_controlnet", False) \
-        else unet.input_dtypes["timestep"]
-    guided_calls, conditional_calls = _halves(run.conditioning, guidance.enabled, run.cfg_mode == "sequential")
-    resident = {}  # id of a conditioning part -> (batch, the device-resident part), made once per generation
-
-    def calls(parts: list) -> list[tuple[int, dict, dict, tuple]]:
-        for part, _ in parts:
-            if id(part) not in resident:
-                resident[id(part)] = (len(part["encoder_hidden_states"]), unet.device_resident(part))
-        return [(*resident[id(part)], part, halves) for part, halves in parts]
-
-    calls(guided_calls)
-    per_call = [task for task in run.tasks if getattr(type(task), "call_inputs", None) is not _NO_CALL_INPUTS]
+    plan = run.plan
+    loop = Denoising(run, latents)
     unet_seconds = 0.0
     steps = range(plan.num_evaluations)
     if run.request.progress:
@@ -71,45 +152,15 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
 
         steps = tqdm(steps, desc="denoising", unit="step")
     t_loop = time.perf_counter()
-    for i in steps:
-        t = plan.timesteps[i]
-        model_input = scaled = scheduler.scale_model_input(plan, i, latents)
-        step_inputs: dict[str, np.ndarray] = {}
-        for task in run.tasks:
-            model_input = task.model_input(run, i, model_input)
-            step_inputs.update(task.step_inputs(run, i, model_input))
-        guided = guidance.active(plan, i)
+    for _ in steps:
+        feeds = loop.calls()
         t_unet = time.perf_counter()
-        noise_pred = []
-        for n, call, host, halves in calls(guided_calls if guided else conditional_calls):
-            repeat = n // batch
-            extra = {}
-            for task in per_call:  # inputs that differ per half (ControlNet residuals)
-                extra.update(task.call_inputs(run, i, np.concatenate([scaled] * repeat), host, halves))
-            noise_pred.append(unet.run({
-                "sample": np.concatenate([model_input] * repeat),
-                "timestep": np.full((n,), t, dtype=timestep_dtype),
-                **{name: np.concatenate([value] * repeat) for name, value in step_inputs.items()},
-                **call,
-                **extra,
-            })["out_sample"])
-        noise_pred = noise_pred[0] if len(noise_pred) == 1 else np.concatenate(noise_pred)
+        outputs = [loop.unet.run(feed)["out_sample"] for feed in feeds]
         unet_seconds += time.perf_counter() - t_unet
-        if not np.isfinite(noise_pred).all():
-            raise GenerationError(
-                f"the UNet returned NaN/Inf at step {i + 1}/{plan.num_evaluations} (timestep {t}); "
-                "the model or its precision is broken for this input"
-            )
-        if guided:
-            noise_pred = guidance.combine(noise_pred)
-        latents, state = scheduler.step(plan, i, noise_pred, latents, state, run.generator)
-        for task in run.tasks:
-            latents = task.after_step(run, i, latents)
-        if run.request.callback is not None and run.request.callback(i, float(t), latents) is False:
-            raise CancelledError(f"cancelled by the callback after step {i + 1}/{plan.num_evaluations}")
-    models.stage_done(unet, *models.controlnet_engines)  # low-memory mode: the ControlNets leave with the UNet
+        loop.advance(outputs)
+    loop.close()
     run.timings["unet"] = unet_seconds
     run.timings["scheduler_and_guidance"] = time.perf_counter() - t_loop - unet_seconds
     run.timings["steps"] = plan.num_inference_steps
     run.timings["unet_evaluations"] = plan.num_evaluations
-    return latents
+    return loop.latents
