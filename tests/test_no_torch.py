@@ -1,4 +1,4 @@
-"""The runtime and engines never import torch, diffusers or transformers: proven in a subprocess
+"""The runtime, engines and server never import torch, diffusers or transformers: proven in a subprocess
 where importing them raises, by importing every module and generating an image."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import pkgutil
 
 import sdrt.engines
 import sdrt.runtime
+import sdrt.serve
 
 from conftest import run_without_torch
 
@@ -16,8 +17,8 @@ def _modules(package) -> list[str]:
 
 
 def test_every_runtime_and_engine_module_imports_without_torch():
-    names = _modules(sdrt.engines) + _modules(sdrt.runtime)
-    assert "sdrt.runtime.pipeline" in names and "sdrt.engines.onnxruntime" in names
+    names = _modules(sdrt.engines) + _modules(sdrt.runtime) + _modules(sdrt.serve)
+    assert "sdrt.runtime.pipeline" in names and "sdrt.engines.onnxruntime" in names and "sdrt.serve.app" in names
     result = run_without_torch(f"""
 import importlib
 for name in {names!r}:
