@@ -121,9 +121,17 @@ def _settings(body: dict, server) -> dict:
 
 
 async def _run_all(server, request, model, task: str, per_image: list[dict], shared: dict) -> list:
-    """One generation per image, submitted together (so they batch); outputs in order."""
-    return await asyncio.gather(*(server.generate(request, model, task, "a1111", **shared, **given)
-                                  for given in per_image))
+    """One generation per image, submitted together (so they batch); outputs in order. When one fails (a full
+    queue), the others are cancelled."""
+    tasks = [asyncio.ensure_future(server.generate(request, model, task, "a1111", **shared, **given))
+             for given in per_image]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _answer(body: dict, model, settings: dict, outputs: list, denoising_strength=None) -> dict:

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from sdrt.engines.errors import SdrtError
-from sdrt.runtime.errors import CancelledError, InvalidInputError
+from sdrt.runtime.errors import CancelledError, InsufficientMemoryError, InvalidInputError
 from sdrt.serve.errors import ClientGoneError, QueueFullError, RequestTooLargeError, UnknownModelError
 from sdrt.serve.limits import Limits
 from sdrt.serve.metrics import Metrics
@@ -56,17 +56,17 @@ class Server:
         t0 = time.perf_counter()
         job = await run_in_threadpool(model.submit, task, self.limits, **given)
         result = asyncio.wrap_future(job.future)
-        while True:
-            done, _ = await asyncio.wait({result}, timeout=0.2)
-            if done:
-                break
-            if await request.is_disconnected():
-                job.cancel("the client disconnected")
-                try:
-                    await result
-                except CancelledError:
-                    pass
-                raise ClientGoneError("the client disconnected")
+        try:
+            while True:
+                done, _ = await asyncio.wait({result}, timeout=0.2)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    job.cancel("the client disconnected")
+                    raise ClientGoneError("the client disconnected")
+        except asyncio.CancelledError:  # the handler was cancelled (a sibling image of the request failed)
+            job.cancel("the request was abandoned")
+            raise
         output = result.result()
         self.metrics.stage(model.name, "request", time.perf_counter() - t0)
         self.metrics.served(model.name, api, len(output.images))
@@ -162,8 +162,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(SdrtError)
     async def sdrt_error(request: Request, e: SdrtError):
-        status = getattr(e, "status", None) or (400 if isinstance(e, InvalidInputError) else
-                                                499 if isinstance(e, CancelledError) else 500)
+        refused = isinstance(e, (InvalidInputError, InsufficientMemoryError))  # the request asks too much
+        status = getattr(e, "status", None) or (400 if refused else 499 if isinstance(e, CancelledError) else 500)
         kind = "invalid_request_error" if status in (400, 413) else type(e).__name__
         return answer(request, status, str(e), kind)
 

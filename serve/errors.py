@@ -38,7 +38,3 @@ class QueueFullError(ServeError):
 
 class ClientGoneError(CancelledError):
     """The client disconnected: its generation stopped at the next step."""
-
-
-class InterruptedError_(CancelledError):
-    """Stopped by /sdapi/v1/interrupt before any step ran."""

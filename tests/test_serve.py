@@ -343,6 +343,32 @@ def slow(running):
     models.unet = unet
 
 
+def test_requests_admitted_together_share_text_encoder_and_vae_calls(slow):
+    """Requests that start at the same step boundary run one text-encoder call, and those that end together
+    one VAE-decoder call; each image still equals the pipeline's."""
+    from sdrt.serve.limits import Limits
+
+    model = slow.model
+    gathered = []
+    meeting = model.batcher.meeting
+    meeting._on_batch = lambda engine, feeds: gathered.append((engine, feeds))
+    try:
+        first = model.submit("txt2img", Limits(), prompt="a red circle", num_inference_steps=20, seed=0,
+                             height=32, width=32)
+        while first.loop is None or first.loop.i < 2:  # the batcher is busy with it: the next three wait
+            time.sleep(0.01)
+        cases = [("a blue square", 1), ("a green triangle", 2), ("a white circle", 3)]
+        jobs = [model.submit("txt2img", Limits(), prompt=p, num_inference_steps=5, seed=s, height=32, width=32)
+                for p, s in cases]
+        outputs = [job.future.result(timeout=60) for job in jobs]
+        first.future.result(timeout=60)
+    finally:
+        meeting._on_batch = model.batcher._gathered
+    assert ("text_encoder", 3) in gathered and ("vae_decoder", 3) in gathered, gathered
+    for (prompt, seed), output in zip(cases, outputs):
+        np.testing.assert_array_equal(pixels(output.images[0]), pixels(alone(prompt, seed, 5).images[0]))
+
+
 def test_a_request_whose_client_disconnects_is_cancelled(slow):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow.url + "/v1/images/generations", json={"prompt": "x", "size": "32x32", "steps": 100},
