@@ -189,7 +189,7 @@ def create_app(server: Server) -> FastAPI:
         for name, model in server.models.items():
             waiting, active = model.batcher.jobs()
             queues[name] = {"waiting": len(waiting), "in_flight": len(active)}
-        return {"status": "ok", "models": queues}
+        return {"status": "ok", "models": queues, "pid": os.getpid()}  # pid: which replica answered (Ray)
 
     @app.get("/metrics")
     async def metrics():
