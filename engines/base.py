@@ -64,6 +64,12 @@ class Engine:
         if arrays:
             raise EngineError(f"{type(self).__name__} cannot replace a network's weights")
 
+    def at_full_precision(self) -> "Engine | None":
+        """The same network computing in fp32, where this engine computes in a narrower type that a backend picks at
+        run time (OpenVINO bf16/f16): the NaN-safe re-run (sdrt.engines.fallback). None: this engine is fp32, or its
+        precision is the file's (an fp16 folder keeps its own fp32 copy)."""
+        return None
+
     def warmup(self, dims: Mapping[str, int], runs: int = 1) -> None:
         """Run the network on zeros of the spec's shapes, so that the first real call is not a cold one."""
         if self.spec is None:

@@ -35,7 +35,7 @@ PROVIDER_ALIASES = {
     "trt-ep": "TensorrtExecutionProvider",
     "dml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
+    "openvino-ep": "OpenVINOExecutionProvider",  # onnxruntime's; "openvino" is sdrt's own backend (engines/openvino.py)
 }
 
 

@@ -2,7 +2,8 @@
 
 Names users type (`--provider`): cpu, cuda (or cuda:1 for a device), tensorrt-ep (onnxruntime's
 TensorRT provider), tensorrt (the native backend, engines/tensorrt.py), any onnxruntime provider
-by its full name, or a comma-separated list of onnxruntime providers in priority order. A backend
+by its full name, or a comma-separated list of onnxruntime providers in priority order; openvino[:DEVICE] is
+the OpenVINO backend (engines/openvino.py; openvino-ep is onnxruntime's OpenVINO provider). A backend
 that is not installed fails with the extra to install. With `allow_fallback=True` a backend that is
 missing or fails to build or load is replaced by the next one down tensorrt / tensorrt-ep -> cuda
 -> cpu, with a warning saying why; without it, the error is raised.
@@ -23,11 +24,13 @@ from sdrt.engines.onnxruntime import PROVIDER_ALIASES as SHORT_NAMES  # short na
 from sdrt.engines.onnxruntime import short_name
 
 NATIVE = ("tensorrt", "trt")
-FALLBACKS = {"tensorrt": ("cuda", "cpu"), "tensorrt-ep": ("cuda", "cpu"), "cuda": ("cpu",)}
+FALLBACKS = {"tensorrt": ("cuda", "cpu"), "tensorrt-ep": ("cuda", "cpu"), "cuda": ("cpu",), "openvino": ("cpu",)}
 ENGINE_OPTIONS = ("io_binding", "fixed_shapes", "cuda_graph")
 IO_BINDING_BY_DEFAULT = ("cuda", "tensorrt-ep")  # onnxruntime on a GPU: tensors stay on the device between calls
 TENSORRT_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib", "build", "optimization_level", "refit")
 TENSORRT_EP_OPTIONS = ("precision", "profile", "cache_dir", "workspace_mib")
+OPENVINO = "openvino"
+OPENVINO_OPTIONS = ("precision", "performance_hint", "num_threads", "cache_dir", "validate")
 
 
 class ProviderError(EngineError):
@@ -42,6 +45,7 @@ class ProviderChoice:
     backend: str  # "onnxruntime" | "tensorrt"
     providers: tuple = ()
     device_id: int = 0
+    device: str = ""  # the OpenVINO backend's device name (CPU, GPU, GPU.1, NPU, ...)
 
 
 def _entry(item: str) -> tuple[str, int | None]:
@@ -61,6 +65,11 @@ def parse_provider(provider: str | Sequence[Any]) -> ProviderChoice:
                  for e in entries]
         first = names[0] if isinstance(names[0], str) else names[0][0]
         return ProviderChoice(short_name(first), "onnxruntime", tuple(names))
+    name, _, device = provider.strip().partition(":")
+    if name.lower() == OPENVINO:
+        if "," in provider:
+            raise ProviderError(f"provider {provider!r}: the OpenVINO backend cannot be combined with others")
+        return ProviderChoice(OPENVINO, OPENVINO, (), 0, device.strip() or "CPU")
     items = [_entry(item) for item in provider.split(",")]
     if any(name.lower() in NATIVE for name, _ in items):
         if len(items) > 1:
@@ -119,6 +128,8 @@ def _for_fallback(choice: ProviderChoice, options: dict) -> dict:
     """Drop the options the fallback backend cannot take (TensorRT settings, CUDA graph on the CPU)."""
     keep = dict(options)
     if choice.kind != "tensorrt-ep":
+        for k in OPENVINO_OPTIONS:
+            keep.pop(k, None)
         for k in TENSORRT_OPTIONS:
             keep.pop(k, None)
     if choice.kind == "cpu":
@@ -135,6 +146,8 @@ def engine_options_for(choice: ProviderChoice, options: dict) -> dict:
 
 
 def _create(path, spec, choice: ProviderChoice, options: dict) -> Engine:
+    if choice.backend == OPENVINO:
+        return _create_openvino(path, spec, choice, options)
     engine_kw = engine_options_for(choice, options)
     trt_kw = {k: options.pop(k) for k in TENSORRT_OPTIONS if k in options}
     if choice.backend == "tensorrt":
@@ -170,3 +183,23 @@ def _create(path, spec, choice: ProviderChoice, options: dict) -> Engine:
         except TypeError as e:
             raise ProviderError(f"unknown engine option: {e}") from e
     return OrtEngine(path, spec=spec, provider=providers, options=session_options, **engine_kw)
+
+
+def _create_openvino(path, spec, choice: ProviderChoice, options: dict) -> Engine:
+    """The OpenVINO engine: its options (precision None: auto), fixed_shapes as static reshaping; onnxruntime's
+    session settings (which low-memory mode passes) do not apply and are dropped; CUDA/IO-binding options refused."""
+    from sdrt.engines.openvino import OvEngine, OvOptions, import_openvino
+
+    import_openvino()
+    ov_kw = {k: options.pop(k) for k in OPENVINO_OPTIONS if k in options}
+    ov_kw = {k: v for k, v in ov_kw.items() if v is not None}
+    static = bool(options.pop("fixed_shapes", False))
+    options.pop("session_options", None)
+    for k in ("io_binding", "enable_mem_arena", "enable_mem_pattern"):
+        options.pop(k, None)
+    if options.pop("cuda_graph", False):
+        raise ProviderError("cuda_graph applies to the cuda / tensorrt-ep providers and native tensorrt, not openvino")
+    if options:
+        raise ProviderError(f"options {sorted(options)} do not apply to the OpenVINO backend (it takes "
+                            f"{', '.join(OPENVINO_OPTIONS)} and fixed_shapes)")
+    return OvEngine(path, spec, OvOptions(device=choice.device, static_shapes=static, **ov_kw))

@@ -63,6 +63,9 @@ class BenchSettings:
     io_binding: bool | None = None  # None: on for onnxruntime on a GPU
     cuda_graph: bool = False  # the UNet with fixed shapes and a captured CUDA graph
     verify: str = "size"  # the folder's files against sdrt.json first: size, sha256 (remembered per file), none
+    precision: str | None = None  # --provider openvino: auto | fp32 | bf16 | f16 (None: auto)
+    performance_hint: str | None = None  # --provider openvino: latency | throughput
+    num_threads: int | None = None  # --provider openvino: inference threads
 
     def check(self) -> None:
         for name in ("steps", "batch", "runs"):
@@ -76,8 +79,10 @@ class BenchSettings:
 
     def pipeline_options(self) -> dict:
         """The keywords that open the pipeline (also sent to the cold-start subprocess)."""
+        openvino = {k: getattr(self, k) for k in ("precision", "performance_hint", "num_threads")
+                    if getattr(self, k) is not None}
         return dict(provider=self.provider, scheduler=self.scheduler, allow_fallback=self.allow_fallback,
-                    io_binding=self.io_binding, cuda_graph=self.cuda_graph, verify=self.verify)
+                    io_binding=self.io_binding, cuda_graph=self.cuda_graph, verify=self.verify, **openvino)
 
     def pipeline_kwargs(self) -> dict:
         """The keywords of one StableDiffusionPipeline call (also sent to the cold-start subprocess)."""

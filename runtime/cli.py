@@ -368,10 +368,24 @@ def _engine_flags(args) -> dict:
     flags = {"cuda_graph": args.cuda_graph}
     if args.no_io_binding:
         flags["io_binding"] = False
+    flags.update(_openvino_flags(args))
     loras = getattr(args, "lora", None) or getattr(args, "lora_dir", None)  # generate only
     if loras and args.provider.lower() in ("tensorrt", "trt"):
         flags["refit"] = True  # LoRA weights reach native TensorRT plans by refitting them
     return flags
+
+
+def _openvino_flags(args) -> dict:
+    """--precision, --performance-hint and --threads as OpenVINO engine options (only with --provider openvino)."""
+    given = {name: value for name, value in (("precision", args.precision), ("performance_hint",
+             args.performance_hint), ("num_threads", args.threads)) if value is not None}
+    if given and args.provider.split(":")[0].strip().lower() != "openvino":
+        from sdrt.runtime.errors import InvalidInputError
+
+        flags = ", ".join("--" + {"num_threads": "threads"}.get(k, k).replace("_", "-") for k in given)
+        raise InvalidInputError(f"{flags} {'applies' if len(given) == 1 else 'apply'} only to --provider "
+                                f"openvino[:DEVICE] (the OpenVINO backend), not {args.provider}")
+    return given
 
 
 def _memory_options(args) -> dict:
@@ -456,6 +470,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-io-binding", action="store_true",
                         help="turn off IO binding, which on a GPU keeps the text conditioning on the device for "
                              "the whole generation (on by default for cuda and tensorrt-ep)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "f16"), default=None,
+                        help="--provider openvino: the compute precision (default auto: bf16 on a CPU with AMX or "
+                             "AVX-512-BF16, else fp32; a GPU's own default)")
+    parser.add_argument("--performance-hint", choices=("latency", "throughput"), default=None,
+                        help="--provider openvino: OpenVINO's performance hint (default latency)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--provider openvino: inference threads (default: OpenVINO's, every core)")
 
 
 def cmd_serve(args) -> int:

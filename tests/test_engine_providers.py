@@ -21,7 +21,10 @@ from sdrt.runtime.config import ModelFolder
     ("tensorrt", "tensorrt", "tensorrt", ()),
     ("trt", "tensorrt", "tensorrt", ()),
     ("cuda,cpu", "cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider")),
-    ("OpenVINOExecutionProvider", "openvino", "onnxruntime", ("OpenVINOExecutionProvider",)),
+    ("OpenVINOExecutionProvider", "openvino-ep", "onnxruntime", ("OpenVINOExecutionProvider",)),
+    ("openvino-ep", "openvino-ep", "onnxruntime", ("OpenVINOExecutionProvider",)),
+    ("openvino", "openvino", "openvino", ()),
+    ("openvino:GPU.1", "openvino", "openvino", ()),
     ("MyVendorExecutionProvider", "MyVendorExecutionProvider", "onnxruntime", ("MyVendorExecutionProvider",)),
 ])
 def test_parse_provider(text, kind, backend, providers):

@@ -2,7 +2,8 @@
 
 Engines load when first run. In low-memory mode (sdrt.runtime.memory) each is released when its stage
 ends, so that one network is in memory at a time. The VAE decoder re-runs with the fp32 copy an fp16
-folder keeps when it returns NaN/Inf (sdrt.engines.fallback).
+folder keeps when it returns NaN/Inf (sdrt.engines.fallback), or, on a backend that computes it in bf16/f16
+(OpenVINO), with the same file at fp32.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class Models:
         """The engine, re-run with the fp32 copy that an fp16 folder keeps (sdrt.json "fallbacks") on NaN/Inf."""
         engine, fp32 = self.engine(component), fallback_file(self.folder.path, self.folder.manifest, component)
         if fp32 is None:
-            return engine
+            full = getattr(engine, "at_full_precision", lambda: None)()  # a backend computing in bf16/f16 (OpenVINO): the same file at fp32
+            return engine if full is None else FiniteOrFallback(engine, lambda: full, name=component,
+                                                                 reason=f"{engine.precision} overflow")
         return FiniteOrFallback(engine, lambda: create_engine(fp32, self.folder.spec(component), provider=self.provider,
                                                               **self._options(component)), name=component)
 
