@@ -107,13 +107,15 @@ def build_server(folders, provider="cpu", scheduler=None, verify="size", emphasi
 
 
 def require_extra() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise SdrtError(f"sdrt serve needs the serve extra ({e.name} is not installed): {EXTRA}") from None
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn", "prometheus_client", "python_multipart"):  # FastAPI's forms need the last
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise SdrtError(f"sdrt serve needs the serve extra ({module} is not installed): {EXTRA}")
 
 
 def serve(args) -> int:

@@ -455,3 +455,41 @@ sys.exit(main(["serve", sys.argv[1]]))
 """, str(DEMO))
     assert result.returncode == 2, result.stderr
     assert 'pip install "sdrt[serve]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_sdrt_serve_command(capsys):
+    """`sdrt serve FOLDER` starts, answers, and stops on Ctrl-C; bad options are one-line errors."""
+    import signal
+    import subprocess
+    import sys
+
+    from sdrt.runtime.cli import main
+
+    assert main(["serve", str(DEMO), "--max-queue", "0"]) == 2
+    assert "--max-queue must be >= 1" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "sdrt.runtime.cli", "serve", str(DEMO), "--port", str(port),
+                                "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        response = httpx.post(url + "/v1/images/generations", headers={"Authorization": "Bearer k"},
+                              json={"prompt": "a red circle", "size": "32x32", "steps": 3, "seed": 9})
+        assert response.status_code == 200
+        np.testing.assert_array_equal(pixels(decode(response.json()["data"][0]["b64_json"])),
+                                      pixels(alone("a red circle", 9, 3).images[0]))
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
