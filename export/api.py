@@ -8,6 +8,7 @@ import json
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, Iterable
 
 from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
 from sdrt.export.checkpoint import controlnet_folders, load_module, open_checkpoint
-from sdrt.export.errors import ExportError, MissingExtraError, UnsupportedModelError
+from sdrt.export.errors import ExportError, MissingExtraError, OutputExistsError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
@@ -93,19 +94,50 @@ def validation_dims(spec, unet_config: dict, factor: int) -> list[dict]:
 
 def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
                     components: Iterable[str] | None = None, force: bool = False,
-                    log: Callable[[str], None] | None = None) -> Path:
+                    log: Callable[[str], None] | None = None, config: str | Path | None = None,
+                    original_config: str | Path | None = None, prediction_type: str | None = None) -> Path:
     """Export every network of the checkpoint at `src` to `out`, validating each against torch.
 
-    Nothing is written at `out` unless all components export and validate; an existing `out` is
-    replaced only with `force=True`.
+    `src` is a diffusers pipeline folder (or hub id) or a single-file `.safetensors` checkpoint in the original
+    Stable Diffusion layout (sdrt.export.single_file; `config` = a diffusers folder of its architecture whose configs
+    to use instead of the shipped ones, `original_config` = its LDM yaml). `prediction_type` overrides the
+    scheduler's (SD 2.x single files are taken as v-prediction, as diffusers does). Nothing is written at `out`
+    unless all components export and validate; an existing `out` is replaced only with `force=True`.
     """
     require_export_extra()
-    from sdrt.export.trace import export_onnx, sample_inputs, wrap
-    from sdrt.export.validate import compare
+    from sdrt.export import single_file
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     _check_opset(opset)
+    if prediction_type is not None and prediction_type not in single_file.PREDICTION_TYPES:
+        raise ExportError(f"prediction_type must be one of {', '.join(single_file.PREDICTION_TYPES)}, "
+                          f"got {prediction_type!r}")
+    if not single_file.is_single_file(src):
+        if config is not None or original_config is not None:
+            raise ExportError("--config and --original-config apply to single-file checkpoints; "
+                              f"{src} is a folder, whose own configs are used")
+        return _export_folder(src, out, opset=opset, components=components, force=force, log=log,
+                              prediction_type=prediction_type)
+    source = single_file.inspect(src)  # every refusal (pickle, truncated, unknown layout) before any work
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".single-file", dir=out.parent))
+    try:
+        folder = single_file.convert(source, work / "diffusers", config=config, original_config=original_config,
+                                     prediction_type=prediction_type, log=log)
+        return _export_folder(folder, out, opset=opset, components=components, force=force, log=log,
+                              source=source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_folder(src: str | Path, out: Path, *, opset: int, components: Iterable[str] | None, force: bool,
+                   log: Callable[[str], None], prediction_type: str | None = None, source=None) -> Path:
+    from sdrt.export.trace import export_onnx, sample_inputs, wrap
+    from sdrt.export.validate import compare
+
     ckpt = open_checkpoint(src)
     available = [c for c in COMPONENTS if (ckpt.path / SOURCE_FOLDER[c]).is_dir()]
     selected = list(components) if components else available
@@ -124,14 +156,25 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
     manifest = {
         "format": "sdrt-onnx", "format_version": FORMAT_VERSION,
         "family": ckpt.family, "pipeline": ckpt.index["_class_name"],
-        "precision": "fp32", "opset": opset, "source": str(Path(src).resolve()),
+        "precision": "fp32", "opset": opset,
+        "source": str(Path(source.path if source is not None else src).resolve()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(), "components": {}, "validation": {},
     }
+    if source is not None:  # A1111's "Model hash" is the first 10 hex digits of the file's sha256
+        from sdrt.engines.files import sha256_file
+
+        log(f"hashing {source.path.name}")
+        manifest["single_file"] = {"architecture": source.architecture, "file": source.path.name,
+                                   "sha256": sha256_file(source.path)}
     with staging(out, force) as tmp:
         shutil.copy2(ckpt.path / "model_index.json", tmp / "model_index.json")
         (tmp / "scheduler").mkdir()
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        if prediction_type is not None:
+            scheduler = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())
+            scheduler["prediction_type"] = prediction_type
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         for tokenizer in ("tokenizer", "tokenizer_2"):
             if (ckpt.path / tokenizer).is_dir():
                 copy_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)

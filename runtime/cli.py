@@ -73,7 +73,8 @@ def cmd_export(args) -> int:
             "pip install torch==2.13.0 && pip install 'sdrt[export]'"
         ) from e
     components = args.components.split(",") if args.components else None
-    export_pipeline(args.source, args.output, opset=args.opset, components=components, force=args.force)
+    export_pipeline(args.source, args.output, opset=args.opset, components=components, force=args.force,
+                    config=args.config, original_config=args.original_config, prediction_type=args.prediction_type)
     return 0
 
 
@@ -489,8 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    e = sub.add_parser("export", help="export a diffusers checkpoint folder to a validated ONNX folder (needs sdrt[export])")
-    e.add_argument("source", help="a local diffusers pipeline folder")
+    e = sub.add_parser("export", help="export a diffusers checkpoint folder or a single-file .safetensors checkpoint "
+                                      "to a validated ONNX folder (needs sdrt[export])")
+    e.add_argument("source", help="a local diffusers pipeline folder, or a single-file checkpoint (.safetensors in the "
+                                  "original SD layout, as A1111/ComfyUI use: SD 1.x, 2.x, SDXL base/refiner, "
+                                  "inpainting); .ckpt/.pt pickles are refused")
+    e.add_argument("--config", metavar="FOLDER",
+                   help="single file: take the configs (UNet, VAE, text encoders, scheduler, tokenizers) from this "
+                        "diffusers folder of the same architecture instead of the standard ones sdrt ships (for "
+                        "smaller or modified models; its weights are not read)")
+    e.add_argument("--original-config", metavar="YAML",
+                   help="single file: its original LDM config (the .yaml A1111 keeps beside a checkpoint)")
+    e.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="override the scheduler's prediction type (a single SD 2.x file is taken as v_prediction, "
+                        "as diffusers does; SD 2.x-base and 2.x inpainting files predict epsilon)")
     e.add_argument("output", help="the folder to create")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest that works)")
     e.add_argument("--components",
