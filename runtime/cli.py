@@ -31,6 +31,37 @@ def _interval(text: str) -> tuple[float, float]:
             from None
 
 
+def _scheduler(text: str) -> str:
+    """A scheduler name as sdrt, stable-diffusion.cpp or A1111 write it -> sdrt's (sdrt.runtime.reproduce)."""
+    from sdrt.runtime.errors import InvalidInputError
+    from sdrt.runtime.reproduce import scheduler_name
+
+    try:
+        return scheduler_name(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _scheduler_names() -> str:
+    from sdrt.runtime.schedulers import SCHEDULER_NAMES
+
+    return ", ".join(SCHEDULER_NAMES)
+
+
+def _given(parser: argparse.ArgumentParser, argv: list) -> set:
+    """The dests of generate's options given on the command line (not defaults): what --from-png leaves alone."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    saved = [(action, action.default) for action in sub._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given)) - {"words"}
+
+
 def _canny(text: str) -> tuple[int, int]:
     try:
         low, high = (int(v) for v in text.split(","))
@@ -57,8 +88,29 @@ def _in_cli_terms(message: str) -> str:
     return message
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it (or there is none to say);
+    lines never break inside a hyphenated name (dpm++2m-sde-karras)."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and "default" not in text and action.default is not argparse.SUPPRESS \
+                and action.nargs != 0:  # flags (store_true...) are off unless given
+            text += " (default: none)" if action.default is None else " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (exit 2), as every other sdrt error."""
+    """Usage errors as one line (exit 2), as every other sdrt error; --help with every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -114,11 +166,17 @@ def cmd_export_controlnet(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    import importlib.util
+
     try:
+        for module in ("onnx", "onnxruntime.quantization"):  # imported late by sdrt.export.quantize: ask first
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(name=module)
         from sdrt.export.quantize import quantize_folder
     except ImportError as e:
         raise SdrtError(
-            f"sdrt quantize needs onnx ({e.name} is not installed): pip install onnx, or 'sdrt[export]'"
+            f"sdrt quantize needs the export extra ({e.name} is not installed): pip install 'sdrt[export]' "
+            "(or only onnx: pip install onnx)"
         ) from e
     quantize_folder(args.folder, args.output, mode=args.mode, components=args.components.split(","),
                     calibration=args.calibration_prompts, calibration_steps=args.calibration_steps,
@@ -233,6 +291,9 @@ def cmd_generate(args) -> int:
     VAE (256 px tiles unless --tile-size is given)."""
     from sdrt.runtime.errors import InsufficientMemoryError
 
+    from sdrt.runtime import reproduce
+
+    reproduce.resolve_arguments(args)  # FOLDER PROMPT or -m/-p, --from-png, a random seed: before any work
     prompt = args.prompt
     try:
         return _generate(args)
@@ -250,21 +311,26 @@ def _generate(args) -> int:
     from sdrt.runtime import image as imageio
     from sdrt.runtime.errors import InvalidInputError
 
-    out = imageio.check_output_path(args.output, "-o/--output")  # before any work
-    if args.num_images > 1 and not (out.exists() and not out.is_file()):
-        for k in (0, args.num_images - 1):
-            imageio.check_output_path(out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}"), "-o/--output")
+    imageio.check_output_path(args.output, "-o/--output")  # before any work
+    paths = imageio.numbered_paths(args.output, args.num_images)
+    for path in {str(p): p for p in paths}.values():
+        imageio.check_output_path(path, "-o/--output")
+    if args.quality is not None and imageio.output_format(paths[0]) == "PNG":
+        raise InvalidInputError(f"--quality applies to .jpg/.jpeg and .webp output; {paths[0]} is a PNG (lossless)")
     written_prompt = args.prompt
     args.prompt, loras = _loras(args)
+    # Each image its own seed (seed, seed+1, ...), as A1111 and sd.cpp: every file is reproducible on its own.
+    seeds = [args.seed + k for k in range(args.num_images)]
     common = dict(
-        negative_prompt=args.negative, num_images_per_prompt=args.num_images, seed=args.seed, rng=args.rng,
-        output_type="pil", progress=not args.quiet,
+        negative_prompt=args.negative, num_images_per_prompt=args.num_images,
+        seed=seeds if len(seeds) > 1 else seeds[0], rng=args.rng, output_type="pil", progress=not args.quiet,
     )
     if loras:
         common["loras"] = loras
     # Defaults: the pipeline's, as diffusers (steps 50, LCM 4; guidance SD 7.5, SDXL 5.0, LCM 8.5).
     for name, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
-                        ("guidance_interval", args.guidance_interval), ("clip_skip", args.clip_skip)):
+                        ("guidance_interval", args.guidance_interval), ("clip_skip", args.clip_skip),
+                        ("guidance_rescale", args.guidance_rescale), ("eta", args.eta)):
         if value is not None:
             common[name] = value
     if args.refiner is None and args.high_noise_frac is not None:
@@ -318,17 +384,17 @@ def _generate(args) -> int:
                           **_second_prompts(args, pipe))
         else:  # the refiner takes the base's latents, with the same mask
             result = _base_and_refiner(args, pipe, (picture, *mask_arg), strength, common, factory, mask_arg)
-    paths = [out] if len(result.images) == 1 else [
-        out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(len(result.images))
-    ]
     for image, params, path in zip(result.images, result.parameters, paths):
         if written_prompt != args.prompt and params.startswith(args.prompt):  # A1111 keeps the tags in the prompt
             params = written_prompt + params[len(args.prompt):]
-        imageio.save_png(image, path, parameters=params)
+        imageio.save_image(image, path, parameters=params, quality=args.quality)
         print(path)
     t = result.timings
     calls = "" if t["unet_evaluations"] == t["steps"] else f", {t['unet_evaluations']} UNet evaluations"
-    print(f"seed {result.seed}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
+    seeds = f"seed {result.seed}" if len(set(result.seeds)) <= 1 else \
+        f"seeds {result.seeds[0]}-{result.seeds[-1]}"
+    seeds += " (random)" if getattr(args, "random_seed", False) else ""
+    print(f"{seeds}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
           f"({t['steps']} steps{calls}), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
 
@@ -353,7 +419,8 @@ def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, re
     # The refiner's one encoder reads PROMPT (diffusers pairs the prompts with the encoders a folder has).
     # LoRAs change the base's networks; the refiner's differ (a base LoRA would not fit them).
     refined = refiner(args.prompt, latents.images, *mask_arg, denoising_start=fraction,
-                      **{**common, "seed": latents.seed, "num_images_per_prompt": 1, "loras": None})
+                      **{**common, "seed": latents.seeds if len(latents.seeds) > 1 else latents.seed,
+                         "num_images_per_prompt": len(latents.seeds), "loras": None})
     for key in ("text_encoder", "unet", "steps", "unet_evaluations"):
         refined.timings[key] += latents.timings[key]
     return refined
@@ -453,14 +520,21 @@ def cmd_bench(args) -> int:
         parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
         if not os.access(parent, os.W_OK | os.X_OK):
             raise SdrtError(f"--out {out}: {parent} cannot be written (permission denied)")
+    elif args.plot and not os.access(".", os.W_OK | os.X_OK):
+        raise SdrtError("--plot without --out writes the chart in the working folder, which cannot be written; "
+                        "give --out FOLDER")
     result = bench.run_bench(args.folder, settings, progress=not args.quiet)
     markdown = bench.to_markdown(result)
     print(markdown)
+    stem = bench.result_stem("bench", result["machine"], result["provider_used"], result["model"])
     if args.out:
-        stem = bench.result_stem("bench", result["machine"], result["provider_used"], result["model"])
         chart = bench.bench_chart(result) if args.plot else None
         for path in bench.write_results(result, args.out, stem, markdown, chart):
             print(path, file=sys.stderr)
+    elif args.plot:  # the chart beside the results printed: in the working folder
+        chart = Path(f"{stem}.png")
+        bench.plot_chart(chart, **bench.bench_chart(result))
+        print(chart, file=sys.stderr)
     return 0
 
 
@@ -488,6 +562,9 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdrt", description="Stable Diffusion inference runtime (ONNX, no torch)")
+    from sdrt.runtime import sdrt_version
+
+    p.add_argument("--version", action="version", version=f"sdrt {sdrt_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("export", help="export a diffusers checkpoint folder or a single-file .safetensors checkpoint "
@@ -531,17 +608,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
 
-    g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("folder", help="an exported model folder")
-    g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="PNG path (numbered when several images)")
-    g.add_argument("--negative", default=None, help="negative prompt")
+    g = sub.add_parser("generate", help="generate images from a prompt",
+                       usage="sdrt generate [FOLDER] [PROMPT] [options]  (or -m FOLDER -p PROMPT)",
+                       description="Generate images with an exported model folder. Flags of stable-diffusion.cpp "
+                                   "and A1111 work too: -m, -p, -n, --cfg-scale, -W/-H, -s, --sampling-method, -b.")
+    g.add_argument("words", nargs="*", metavar="FOLDER PROMPT",
+                   help="the exported model folder, then the prompt (or give them as -m and -p)")
+    g.add_argument("-m", "--model", dest="folder", default=None, metavar="FOLDER",
+                   help="the exported model folder (instead of the first positional argument)")
+    g.add_argument("-p", "--prompt", dest="prompt", default=None,
+                   help="the prompt (instead of the second positional argument)")
+    g.add_argument("--from-png", default=None, metavar="PICTURE",
+                   help="make a picture sdrt wrote again: its parameters (PNG text, or JPEG/WebP EXIF) give the "
+                        "prompt, seed, size, steps, scheduler and every other option; flags given as well override "
+                        "them (a LoRA is found by name in --lora-dir; a ControlNet or img2img picture must be given)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="the file to write: .png, .jpg/.jpeg (see --quality) or .webp, with the parameters inside "
+                        "(PNG text chunk, JPEG/WebP EXIF UserComment, as A1111); a missing folder is made. Several "
+                        "images: %%d or %%03d in the name numbers them from 0 (as stable-diffusion.cpp), else "
+                        "NAME-0.png, NAME-1.png...")
+    g.add_argument("--quality", type=int, default=None, metavar="1-100",
+                   help="JPEG/WebP quality (default 90)")
+    g.add_argument("-n", "--negative", "--negative-prompt", dest="negative", default=None,
+                   help="negative prompt (what to steer away from)")
     g.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT)")
     g.add_argument("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder")
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the pipeline's, as diffusers: 50; LCM 4)")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", "--cfg-scale", dest="guidance", type=float, default=None,
                    help="guidance scale (default: the pipeline's, as diffusers: SD 7.5, SDXL 5.0, LCM 8.5)")
+    g.add_argument("--guidance-rescale", type=float, default=None,
+                   help="rescale the guided prediction toward the prompt's standard deviation, in [0, 1] "
+                        "(Lin et al. 2023; for zero-SNR v-prediction models, e.g. 0.7; default 0: off)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta: the share of fresh noise at each step, in [0, 1] (default 0)")
     g.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
                    help="apply classifier-free guidance only at steps whose noise level sigma is in [LO, HI] "
                         "(Kynkaanniemi et al. 2024, e.g. 0.28,5.42); the other steps run the prompt alone, at half "
@@ -581,10 +681,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn each --control-image into canny edges first (OpenCV: pip install 'sdrt[control]')")
     g.add_argument("--canny-thresholds", type=_canny, default=None, metavar="LOW,HIGH",
                    help="with --canny: the hysteresis thresholds (default 100,200, as controlnet_aux)")
-    g.add_argument("--scheduler", default=None, help="override the folder's scheduler, e.g. ddim, euler-a, dpm++2m-karras")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 512x512")
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--scheduler", "--sampling-method", "--sampler", dest="scheduler", type=_scheduler, default=None,
+                   help="the sampler (default: the folder's scheduler_config.json): " + _scheduler_names() +
+                        " (stable-diffusion.cpp's names work too: euler_a, dpm++2m...; and A1111's: 'Euler a', "
+                        "'DPM++ 2M Karras', PLMS...)")
+    g.add_argument("-s", "--seed", type=int, default=None,
+                   help="the random seed (default, and -1: a random one, printed and recorded in the file). "
+                        "Several images take seed, seed+1, ... (each file reproducible on its own)")
+    g.add_argument("--size", type=_size, default=None,
+                   help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's, e.g. 512x512 for SD 1.5)")
+    g.add_argument("-W", "--width", type=int, default=None,
+                   help="the width in px, instead of --size's (default: the model's)")
+    g.add_argument("-H", "--height", type=int, default=None,
+                   help="the height in px, instead of --size's (default: the model's)")
+    g.add_argument("--num-images", "-b", "--batch-count", "--batch", dest="num_images", type=int, default=1,
+                   help="how many images (one batch; each its own seed)")
     g.add_argument("--image", default=None, help="img2img: start from this picture (RGB); the output has its size")
     g.add_argument("--strength", type=float, default=None,
                    help="img2img: how far to move from --image, in (0, 1] (default: the pipeline's, as diffusers: "
@@ -601,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="taesd: decode (and encode) with the tiny VAE added by `sdrt export-taesd`: much faster, "
                         "less detail")
     g.add_argument("--rng", choices=("torch", "numpy"), default="torch",
-                   help="noise stream: torch (same image as diffusers for a seed) or numpy")
+                   help="noise stream: torch (same image as diffusers for a seed; A1111's CPU) or numpy")
     g.add_argument("--provider", default="cpu",
                    help="cpu, cuda[:N], tensorrt-ep (onnxruntime's TensorRT provider), tensorrt (native, needs "
                         "sdrt[tensorrt]) or an onnxruntime provider name")
@@ -627,13 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="draw a grid of shapes with the bundled trained demo model")
-    d.add_argument("-o", "--output", default="demo.png")
+    d.add_argument("-o", "--output", default="demo.png", help="the grid's file (.png, .jpg or .webp)")
     d.add_argument("--model", default=None, help="an exported folder (default: the bundled demo model)")
-    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--steps", type=int, default=20, help="denoising steps")
     d.add_argument("--guidance", type=float, default=3.0, help="guidance scale (the demo model follows prompts well at 3-7)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--scheduler", default=None)
-    d.add_argument("--provider", default="cpu")
+    d.add_argument("-s", "--seed", type=int, default=0, help="the random seed")
+    d.add_argument("--scheduler", type=_scheduler, default=None,
+                   help="override the model's scheduler: " + _scheduler_names())
+    d.add_argument("--provider", default="cpu", help="cpu, cuda[:N], tensorrt-ep or an onnxruntime provider name")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="time each stage, cold start and memory of an exported folder")
@@ -643,19 +755,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the provider is missing or fails, use the next one (cuda -> cpu) with a warning; the "
                         "result records the provider that ran")
     _add_engine_flags(b)
-    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--steps", type=int, default=10, help="denoising steps per run")
     b.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's size)")
-    b.add_argument("--batch", type=int, default=1, help="images per prompt")
+    b.add_argument("--batch", "--num-images", "-b", "--batch-count", dest="batch", type=int, default=1,
+                   help="images per prompt (one batch), as generate --num-images")
     b.add_argument("--guidance", type=float, default=7.5, help="guidance scale; <= 1 runs without CFG")
-    b.add_argument("--scheduler", default=None, help="override the folder's scheduler")
+    b.add_argument("--scheduler", "--sampling-method", dest="scheduler", type=_scheduler, default=None,
+                   help="override the folder's scheduler: " + _scheduler_names())
     b.add_argument("--runs", type=int, default=3, help="measured runs (median, p10, p90)")
     b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("-s", "--seed", type=int, default=0, help="the random seed")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
     b.add_argument("--verify", choices=("size", "sha256", "none"), default="size",
                    help="check the folder's files against sdrt.json first (as sdrt generate --verify)")
     b.add_argument("--out", default=None, help="folder for <date>-<machine> JSON + markdown (+ PNG)")
-    b.add_argument("--plot", action="store_true", help="also write a PNG chart (needs --out)")
+    b.add_argument("--plot", action="store_true",
+                   help="also write a PNG chart: in --out, or without it in the working folder")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
 
@@ -678,8 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_export_controlnet)
 
     i = sub.add_parser("info", help="describe an exported folder and verify its files")
-    i.add_argument("folder")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("folder", help="an exported model folder")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=cmd_info)
     from sdrt.serve.cli import add_arguments as serve_arguments  # no web framework imported here
 
@@ -691,13 +806,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # generate's FOLDER PROMPT may stand after options (argparse leaves them over)
+        if args.command != "generate" or any(word.startswith("-") and word != "-" for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words = [*args.words, *extra]
+    if getattr(args, "from_png", None):
+        args.explicit = _given(parser, argv)
     import warnings
 
     # Warnings as one line each, in sdrt's voice (not Python's file:line and source line).
     warnings.formatwarning = lambda message, category, *rest, **kw: f"sdrt {args.command}: warning: {message}\n"
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:  # `sdrt info --json | head`: the reader has what it wanted; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SdrtError as e:
         print(f"sdrt {args.command}: error: {_in_cli_terms(str(e))}", file=sys.stderr)
         return 2

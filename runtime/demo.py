@@ -55,7 +55,7 @@ def run_demo(output="demo.png", model=None, steps: int = 20, guidance_scale: flo
     scale = max(1, 128 // result.images[0].width)
     images = [im.resize((im.width * scale, im.height * scale), resample=0) for im in result.images]
     grid = imageio.image_grid(images, cols=4)
-    imageio.save_png(grid, output, parameters="\n".join(result.parameters))
+    imageio.save_image(grid, output, parameters="\n".join(result.parameters))  # the format: output's extension
     timings = dict(result.timings, load=t_load, total=t_gen, images=len(DEMO_PROMPTS))
     log(f"wrote {output}: {len(DEMO_PROMPTS)} images, {steps} steps, guidance {guidance_scale}, seed {seed}")
     log(f"load {t_load:.2f} s; generate {t_gen:.2f} s (text encoder {timings['text_encoder']:.3f} s, "

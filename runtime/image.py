@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -96,10 +97,29 @@ def from_pil(
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
+# The formats sdrt writes, by file extension (no extension: PNG), and where each keeps the parameters: PNG in a
+# "parameters" text chunk, JPEG and WebP in the EXIF UserComment, as AUTOMATIC1111's web UI writes and reads them.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_QUALITY = 90  # JPEG and WebP
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+_UNICODE = b"UNICODE\0"  # EXIF's character code for UTF-16 (big-endian, as piexif, which A1111 uses, writes it)
+
+
+def output_format(path, option: str = "the output path") -> str:
+    """The format a path's extension names (PNG without one); InvalidInputError for any other extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix == "" or Path(path).exists() and not Path(path).is_file():  # no extension, a device or a pipe
+        return "PNG"
+    if suffix not in OUTPUT_FORMATS:
+        raise InvalidInputError(f"{option} {path}: sdrt writes .png, .jpg/.jpeg and .webp (the format follows the "
+                                f"extension), not {suffix}")
+    return OUTPUT_FORMATS[suffix]
+
+
 def check_output_path(path, option: str = "the output path") -> Path:
-    """A path a file can be written at, checked before any work: not empty, not a directory, in a folder that
-    exists and can be written. Existing non-regular files (/dev/null, a FIFO) are written through, never replaced.
-    InvalidInputError naming `option` otherwise."""
+    """A path a file can be written at, checked before any work: not empty, not a directory, a format sdrt
+    writes, in a folder that exists or can be made (save_image makes it) and can be written. Existing non-regular
+    files (/dev/null, a FIFO) are written through, never replaced. InvalidInputError naming `option` otherwise."""
     if path is None or str(path).strip() == "":
         raise InvalidInputError(f"{option} is empty; give a file name such as out.png")
     path = Path(path)
@@ -109,46 +129,152 @@ def check_output_path(path, option: str = "the output path") -> Path:
         if not os.access(path, os.W_OK):
             raise InvalidInputError(f"{option} {path} cannot be written (permission denied)")
         return path  # a device or pipe: written through
+    output_format(path, option)
     folder = path.resolve().parent
-    if not folder.exists():
-        raise InvalidInputError(f"{option} {path}: the folder {folder} does not exist; create it first")
-    if not folder.is_dir():
-        raise InvalidInputError(f"{option} {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{option} {path}: the folder {folder} cannot be written (permission denied)")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InvalidInputError(f"{option} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{option} {path}: the folder {existing} cannot be written (permission denied)")
     return path
 
 
-def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
-    """Write image as a PNG at path, with `parameters` in a "parameters" text chunk (AUTOMATIC1111's key).
+def numbered_paths(path, count: int) -> list[Path]:
+    """The paths of `count` images: `path` itself for one; with a printf-style %d (or %03d...) in the name, the
+    image's index from 0 (as stable-diffusion.cpp's -o); else NAME-0.EXT, NAME-1.EXT..."""
+    path = Path(path)
+    if re.search(r"%0?\d*d", path.name):
+        names = [re.sub(r"%(0?\d*)d", lambda m: f"{{:{m.group(1)}d}}".format(k), path.name) for k in range(count)]
+        return [path.with_name(name) for name in names]
+    if count == 1 or (path.exists() and not path.is_file()):
+        return [path] * count
+    return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(count)]
 
-    Atomic: the PNG is written to a temporary file in the same folder, flushed to disk, then renamed
-    over path, so a reader never sees half a file. The text goes in a tEXt chunk, or in an iTXt
-    chunk when it is not Latin-1 (as PIL, and so the web UI, does).
+
+def exif_parameters(parameters: str) -> bytes:
+    """EXIF bytes holding `parameters` in the UserComment tag (UTF-16, as A1111 writes JPEG and WebP infotext)."""
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = _UNICODE + parameters.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def attach_parameters(image: Image.Image, parameters: str) -> Image.Image:
+    """Set image.info["parameters"] and have image.save(path) write them (PNG text chunk; EXIF UserComment in
+    JPEG and WebP) through the image's `encoderinfo`, which Pillow's save reads (Pillow >= 11.1; older
+    versions ignore it: use save_image). Arguments given to save win."""
+    image.info["parameters"] = parameters
+    png = PngInfo()
+    png.add_text("parameters", parameters)
+    image.encoderinfo = {"pnginfo": png, "exif": exif_parameters(parameters)}
+    return image
+
+
+def read_parameters(source) -> str | None:
+    """The parameters text of a picture (a path or an open PIL image): a PNG's "parameters" text chunk, or the
+    EXIF UserComment of a JPEG or WebP (A1111's places); None when it has none."""
+    if not isinstance(source, Image.Image):
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                return read_parameters(opened)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InvalidInputError(f"cannot read {source}: {e}") from e
+    if isinstance(source.info.get("parameters"), str):
+        return source.info["parameters"]
+    comment = source.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, str):
+        return comment or None
+    if not isinstance(comment, bytes) or not comment:
+        return None
+    head, body = comment[:8], comment[8:]
+    if head == _UNICODE:
+        little = len(body) >= 2 and body[0] != 0 and body[1] == 0  # some writers use UTF-16-LE
+        return body.decode("utf-16-le" if little else "utf-16-be", errors="replace")
+    if head.rstrip(b"\0") in (b"ASCII", b""):
+        return body.decode("utf-8", errors="replace").rstrip("\0")
+    return comment.decode("utf-8", errors="replace")
+
+
+# A1111's infotext settings: `Label: value` pairs, the values JSON-quoted when they hold , : or a newline.
+_SETTING = re.compile(r'\s*(\w[\w \-/+.]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {label: value}) from a parameters text as format_parameters (and A1111's web UI)
+    writes it: the prompt lines, "Negative prompt: ..." lines, and a last line of settings."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"parameters must be text, got {type(text).__name__}")
+    lines = text.split("\n")
+    settings = {}
+    if len(_SETTING.findall(lines[-1])) >= 3:
+        for label, value in _SETTING.findall(lines.pop()):
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            settings[label.strip()] = value.strip() if isinstance(value, str) else value
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].lstrip(" ")
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt), "\n".join(negative), settings
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, parameters: str | None = None) -> None:
+    """Write image as a PNG at path (whatever its extension), parameters in a "parameters" text chunk (see
+    save_image)."""
+    save_image(image, path, parameters, format="PNG")
+
+
+def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike, parameters: str | None = None,
+               quality: int | None = None, format: str | None = None) -> None:
+    """Write image at path in the format its extension names (.png, .jpg/.jpeg, .webp; PNG without one), with
+    `parameters` where A1111's web UI keeps them: a PNG "parameters" text chunk (tEXt, or iTXt when the text is
+    not Latin-1, as PIL does), the EXIF UserComment of a JPEG or WebP. quality: JPEG/WebP, 1-100 (default 90).
+    A missing folder is made.
+
+    Atomic: the file is written to a temporary file in the same folder, flushed to disk, then renamed
+    over path, so a reader never sees half a file. Devices and pipes are written through; a symlink's target
+    gets the new file.
     """
     if isinstance(image, np.ndarray):
         pictures = to_pil(image)
         if len(pictures) != 1:
-            raise InvalidInputError(f"save_png writes one image, got an array of {len(pictures)}")
+            raise InvalidInputError(f"save_image writes one image, got an array of {len(pictures)}")
         image = pictures[0]
     if not isinstance(image, Image.Image):
-        raise InvalidInputError(f"save_png takes a PIL image or an HWC uint8 array, got {type(image).__name__}")
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)
+        raise InvalidInputError(f"save_image takes a PIL image or an HWC uint8 array, got {type(image).__name__}")
+    if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
+        raise InvalidInputError(f"quality must be an integer in [1, 100], got {quality!r}")
     path = Path(path)
+    format = format or output_format(path)
+    options: dict = {}
+    if format == "PNG":
+        info = PngInfo()
+        if parameters is not None:
+            info.add_text("parameters", parameters)
+        options["pnginfo"] = info
+    else:
+        options["quality"] = DEFAULT_QUALITY if quality is None else quality
+        if parameters is not None:
+            options["exif"] = exif_parameters(parameters)
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
     if path.exists() and not path.is_file():  # a device or a pipe: written through, never renamed over
         with open(path, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
+            image.save(file, format=format, **options)
         return
     if path.is_symlink():  # the link's target gets the new file; the link stays
         path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # os.open applies the umask to 0o666, as a plain open() would; mkstemp would make the file 0o600.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with open(descriptor, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
+            image.save(file, format=format, **options)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -167,6 +293,7 @@ def format_parameters(
     width: int,
     height: int,
     model: str | None = None,
+    model_hash: str | None = None,
     **extra,
 ) -> str:
     """Generation parameters as AUTOMATIC1111's web UI writes them (its "infotext").
@@ -183,6 +310,7 @@ def format_parameters(
         "CFG scale": guidance_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
+        "Model hash": model_hash,
         "Model": model,
     }
     for key, value in extra.items():

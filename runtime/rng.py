@@ -297,9 +297,33 @@ class NumpyGenerator:
         raise InvalidInputError("NumpyGenerator.randn supports dtype float32, float64 or float16 only")
 
 
+class PerImageGenerator:
+    """One generator per image of a batch, as diffusers' list of generators: ``randn`` of a batch of N draws
+    each image's rows from its own generator (shape (1, ...) each), so image k of a batch made with seeds
+    [s0, s1, ...] has the noise of a run of one image with seed s_k."""
+
+    def __init__(self, generators):
+        self.generators = tuple(generators)
+        self.kind = getattr(self.generators[0], "kind", None)
+        self.seeds = [getattr(g, "seed", None) for g in self.generators]
+        self.seed = self.seeds[0]
+
+    def __len__(self):
+        return len(self.generators)
+
+    def randn(self, shape, dtype=np.float32):
+        shape = _check_shape(shape)
+        if not shape or shape[0] != len(self.generators):
+            raise InvalidInputError(f"a generator per image draws batches of {len(self.generators)} (one per "
+                                    f"generator), got shape {shape}")
+        return np.concatenate([g.randn((1, *shape[1:]), dtype) for g in self.generators])
+
+
 def make_generator(seed, kind="torch"):
     """A generator of ``kind`` ("torch" or "numpy"); ``seed=None`` draws a random seed, kept as
-    ``.seed`` so the result can be reproduced."""
+    ``.seed`` so the result can be reproduced. A list of seeds gives a PerImageGenerator (one per image)."""
+    if isinstance(seed, (list, tuple)):
+        return PerImageGenerator([make_generator(s, kind) for s in seed])
     if kind not in GENERATOR_KINDS:
         raise InvalidInputError(f"generator kind must be one of {', '.join(map(repr, GENERATOR_KINDS))}; got {kind!r}")
     if seed is None:

@@ -43,7 +43,7 @@ class Untouchable:
 
 
 @pytest.mark.parametrize("output,message", [
-    ("{tmp}/missing/out.png", "does not exist; create it first"),
+    ("{tmp}/file/out.png", "is not a folder"),  # a missing folder is made; one under a file cannot be
     ("{tmp}", "is a directory"),
     ("", "is empty"),
     ("   ", "is empty"),
@@ -51,6 +51,7 @@ class Untouchable:
 def test_bad_output_paths_are_refused_before_generating(tmp_path, capsys, monkeypatch, output, message):
     import sdrt.runtime.families as families
 
+    (tmp_path / "file").write_text("")
     monkeypatch.setattr(families, "text_to_image_pipeline", lambda *a, **k: Untouchable())
     code, err = generate(tmp_path, capsys, output=output.format(tmp=tmp_path))
     assert code == 2 and message in err and one_line(err)
@@ -117,8 +118,9 @@ def test_bench_out_at_a_file_is_refused_before_measuring(tmp_path, capsys):
 
 
 def test_demo_output_is_checked_before_drawing(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path / "nowhere" / "demo.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "-o", str(tmp_path / "file" / "demo.png")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
 
 
 # -- pictures and text ----------------------------------------------------------------------------------------

@@ -166,8 +166,8 @@ def test_format_parameters_a1111_style():
         "a dog", "", 30, "euler_a", 7.0, 1, 1024, 1024, denoising_strength=0.75, clip_skip=None, Model_hash="ab12"
     )
     assert text == (
-        "a dog\nSteps: 30, Sampler: euler_a, CFG scale: 7, Seed: 1, Size: 1024x1024, "
-        "Denoising strength: 0.75, Model hash: ab12"
+        "a dog\nSteps: 30, Sampler: euler_a, CFG scale: 7, Seed: 1, Size: 1024x1024, Model hash: ab12, "
+        "Denoising strength: 0.75"  # A1111's order: the model hash after the size
     )
     model = "C:\\models\\a,b"
     quoted = format_parameters("p", None, 1, "ddim", 1.5, None, 8, 8, model=model)

@@ -45,12 +45,14 @@ def decode(models: Models, latents: np.ndarray, output_type: str, vae_tiling: Ti
     return images
 
 
-def encode(models: Models, pixels: np.ndarray, generator, vae_tiling: Tiling | None) -> np.ndarray:
+def encode(models: Models, pixels: np.ndarray, generator, vae_tiling: Tiling | None,
+           samples: int | None = None) -> np.ndarray:
     """NCHW pixels in [-1, 1] -> scaled latents, one sample of the VAE's diagonal Gaussian per image.
 
     diffusers' `scaling_factor * vae.encode(x).latent_dist.sample(generator)`: one randn of the
     latents' shape, drawn after every image is encoded. The tiny VAE (vae="taesd") returns latents,
-    not a distribution: nothing is drawn (diffusers' retrieve_latents).
+    not a distribution: nothing is drawn (diffusers' retrieve_latents). samples: draw this many (a multiple of
+    the pictures, repeated as the tasks' tile), for a generator per output image.
     """
     choice = models.vae_choice
     encoded = np.concatenate([
@@ -60,6 +62,8 @@ def encode(models: Models, pixels: np.ndarray, generator, vae_tiling: Tiling | N
     models.stage_done(models.vae_encoder)
     if not np.isfinite(encoded).all():
         raise GenerationError("the VAE encoder returned NaN/Inf for this image")
+    if samples is not None and samples != len(encoded):
+        encoded = np.tile(encoded, (samples // len(encoded), 1, 1, 1))
     sample = encoded
     if choice.samples:
         mean, logvar = np.split(encoded, 2, axis=1)

@@ -9,6 +9,8 @@ A generation's state lives in a `Run`, made per call, so one Generator serves co
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from sdrt.engines.spec import zero_residuals as spec_zero_residuals
 from sdrt.runtime import image as imageio
+from sdrt.runtime import sdrt_version
 from sdrt.runtime import memory
 from sdrt.runtime.adapters import Adapters
 from sdrt.runtime.config import ModelFolder
@@ -33,10 +36,11 @@ from sdrt.runtime.tiling import Tiling
 
 @dataclass
 class PipelineOutput:
-    images: Any  # list of PIL images, uint8 NHWC, float NHWC in [0, 1], or latents
-    seed: int | None
+    images: Any  # list of PIL images (each with info["parameters"]), uint8 NHWC, float NHWC in [0, 1], or latents
+    seed: int | None  # the first image's seed (the batch's, with one generator)
     parameters: list[str]  # A1111-style text, one per image
     timings: dict = field(default_factory=dict)  # seconds per stage; steps and UNet evaluations
+    seeds: list = field(default_factory=list)  # each image's seed (all the same with one generator for the batch)
 
 
 @dataclass
@@ -168,7 +172,7 @@ class Generator:
         images = codec.decode(self.models, latents, run.request.output_type, self.vae_tiling, run.timings)
         for task in run.tasks:
             images = task.finish(run, images)
-        return PipelineOutput(images, getattr(run.generator, "seed", None), self._parameters(run), run.timings)
+        return self._output(run, images)
 
     def _scheduler(self, name: str) -> Scheduler:
         """A request's own scheduler, made from the folder's config once per name (schedulers are immutable)."""
@@ -176,16 +180,76 @@ class Generator:
             self._schedulers[name] = load_scheduler(self.folder.scheduler_config, name=name)
         return self._schedulers[name]
 
+    def _output(self, run: Run, images) -> PipelineOutput:
+        """The images with their seeds and parameters (attached to PIL images, so that image.save keeps them)."""
+        parameters = self._parameters(run)
+        if run.request.output_type == "pil":
+            for image, text in zip(images, parameters):
+                imageio.attach_parameters(image, text)
+        seeds = self._seeds(run)
+        return PipelineOutput(images, seeds[0], parameters, run.timings, seeds)
+
+    def model_hash(self) -> str:
+        """A1111's `Model hash` for this folder (unet_hash), worked out once."""
+        if getattr(self, "_model_hash", None) is None:
+            self._model_hash = unet_hash(self.folder)
+        return self._model_hash
+
+    @staticmethod
+    def _seeds(run: Run) -> list:
+        """Each image's seed: its own generator's, or the batch's one."""
+        seeds = getattr(run.generator, "seeds", None)
+        return list(seeds) if seeds is not None else [getattr(run.generator, "seed", None)] * run.batch
+
     def _parameters(self, run: Run) -> list[str]:
-        """A1111-style parameters text per image."""
+        """A1111-style parameters text per image: enough to make it again (sdrt generate --from-png), with every
+        option that changes the image and is not its default (and --low-memory, which does not)."""
         request = run.request
-        scheduler = request.scheduler or self.scheduler_name or self.folder.scheduler_config.get("_class_name", "?")
         negatives = request.negative_prompt or ("",) * len(request.prompt)
         fields = dict(steps=request.num_inference_steps, guidance_scale=request.guidance_scale, **run.parameters)
+        options = {"RNG": getattr(run.generator, "kind", None)}
         if request.guidance_interval is not None:
-            fields["guidance_interval"] = "{}-{}".format(*request.guidance_interval)
-        return [
-            imageio.format_parameters(prompt=p, negative_prompt=n, scheduler=scheduler,
-                                      seed=getattr(run.generator, "seed", None), model=self.folder.path.name, **fields)
-            for p, n in zip(request.prompt, negatives) for _ in range(request.num_images_per_prompt)
-        ]
+            options["guidance_interval"] = "{}-{}".format(*request.guidance_interval)
+        if request.guidance_rescale:
+            options["guidance_rescale"] = request.guidance_rescale
+        if request.eta:
+            options["eta"] = request.eta
+        if request.clip_skip is not None:  # A1111 counts the last layer as 1: diffusers' clip_skip=1 is its 2
+            options["clip_skip"] = request.clip_skip + 1
+        if self.emphasis != "original":
+            options["emphasis"] = self.emphasis.capitalize()
+        for name in ("prompt_2", "negative_prompt_2"):
+            value = getattr(request, name)
+            if value is not None:
+                options[name] = value if isinstance(value, str) else json.dumps(list(value), ensure_ascii=False)
+        if self.models.vae_choice.name != "full":
+            options["VAE"] = self.models.vae_choice.name
+        if self.vae_tiling is not None:
+            options["VAE tiling"] = f"{self.vae_tiling.size}/{self.vae_tiling.overlap}"
+        if self.models.low_memory:
+            options["low_memory"] = True
+        if getattr(self.models, "alternate_controlnet", False):
+            options["alternate_controlnet"] = True
+        options["version"] = f"sdrt {sdrt_version()}"
+        seeds = self._seeds(run)
+        images = [(p, n) for p, n in zip(request.prompt, negatives) for _ in range(request.num_images_per_prompt)]
+        return [imageio.format_parameters(prompt=prompt, negative_prompt=negative, scheduler=run.scheduler.name,
+                                          seed=seed, model=self.folder.path.name, model_hash=self.model_hash(),
+                                          **fields, **options)
+                for (prompt, negative), seed in zip(images, seeds)]
+
+
+def unet_hash(folder: ModelFolder) -> str:
+    """A1111's `Model hash` of a folder: the first 10 hex digits of its UNet's sha256 (of model.onnx, or of its
+    files' hashes joined when it has external data, as engines.cache.onnx_sha256), read from sdrt.json when it
+    records them, else computed once per file change (remembered in the cache folder)."""
+    files = (folder.manifest or {}).get("files", {})
+    records = [files.get(f"unet/{name}", {}).get("sha256") for name in ("model.onnx", "model.onnx_data")]
+    onnx_data = (folder.path / "unet" / "model.onnx_data").is_file()
+    if records[0] and (records[1] or not onnx_data):
+        digest = records[0] if not onnx_data else hashlib.sha256("".join(records).encode()).hexdigest()
+    else:
+        from sdrt.engines.cache import onnx_sha256
+
+        digest = onnx_sha256(folder.onnx_path("unet"))
+    return digest[:10]

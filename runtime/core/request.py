@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt.runtime.errors import InvalidInputError
-from sdrt.runtime.rng import GENERATOR_KINDS, make_generator
+from sdrt.runtime.rng import GENERATOR_KINDS, PerImageGenerator, make_generator
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "latent")
 
@@ -151,6 +151,37 @@ def check_generator(generator):
     return generator
 
 
+def _is_integer(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+def seeds(value, batch: int):
+    """None, an integer, or a list of one integer per image (each image its own generator, as diffusers' list of
+    generators: image k is then the image of a run of one with seed value[k])."""
+    if value is None or _is_integer(value):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(_is_integer(v) for v in value):
+        if len(value) != batch:
+            raise InvalidInputError(f"seed has {len(value)} entries for {batch} images (prompts x "
+                                    "num_images_per_prompt); give one per image, or one integer for the batch")
+        return tuple(int(v) for v in value)
+    raise InvalidInputError(f"seed must be an integer, a list of integers (one per image) or None, got {value!r}")
+
+
+def generators(value, batch: int):
+    """None, an sdrt generator, or a list of one per image (diffusers' list of generators)."""
+    if not isinstance(value, (list, tuple)):
+        return check_generator(value)
+    if not value:
+        raise InvalidInputError("generator is an empty list; give one generator per image, or one for the batch")
+    for g in value:
+        check_generator(g)
+    if len(value) != batch:
+        raise InvalidInputError(f"generator has {len(value)} entries for {batch} images (prompts x "
+                                "num_images_per_prompt); give one per image, or one generator for the batch")
+    return PerImageGenerator(value)
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation, validated. Built by the facades from their diffusers-style arguments (None = not given)."""
@@ -168,8 +199,8 @@ class Request:
     clip_skip: int | None = None  # use the text encoder's output this many layers before the usual one
     scheduler: str | None = None  # a registry name (sdrt.runtime.schedulers) for this run; None: the Generator's
     loras: Any = None  # {adapter name or .safetensors path: scale} for this run, on top of the pipeline's adapters
-    seed: int | None = None
-    generator: Any = None
+    seed: int | tuple[int, ...] | None = None  # a list: one seed per image (a generator each)
+    generator: Any = None  # an sdrt generator, or a list of one per image
     rng: str = "torch"
     output_type: str = "pil"
     callback: Callable | None = None
@@ -217,10 +248,8 @@ class Request:
         from sdrt.runtime.adapters import check_loras
 
         set_("loras", check_loras(self.loras))
-        if self.seed is not None and (isinstance(self.seed, (bool, np.bool_))
-                                      or not isinstance(self.seed, (int, np.integer))):
-            raise InvalidInputError(f"seed must be an integer or None, got {self.seed!r}")
-        check_generator(self.generator)
+        set_("seed", seeds(self.seed, self.batch))
+        set_("generator", generators(self.generator, self.batch))
         if self.rng not in GENERATOR_KINDS:
             raise InvalidInputError(f"rng must be one of {GENERATOR_KINDS}, got {self.rng!r}")
         if self.output_type not in OUTPUT_TYPES:

@@ -18,6 +18,7 @@ from sdrt.runtime.core import codec
 from sdrt.runtime.core.generate import check_size
 from sdrt.runtime.core.request import check_strength
 from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.rng import PerImageGenerator
 from sdrt.runtime.tasks.base import Task
 
 
@@ -62,10 +63,16 @@ def strength_plan(run):
                               strength_in_schedule=run.family.strength_in_schedule and strength is not None)
 
 
+def samples(run, count: int) -> int:
+    """How many latents a draw for `count` pictures makes: one per picture, or, with a generator per image
+    (seed=[...]), one per output image, each from its image's generator (as diffusers' list of generators)."""
+    return run.batch if isinstance(run.generator, PerImageGenerator) else count
+
+
 def image_latents(run, pixels: np.ndarray) -> np.ndarray:
     """The pictures' latents (one draw), timed as the VAE encoder's stage."""
     t0 = time.perf_counter()
-    latents = codec.encode(run.models, pixels, run.generator, run.vae_tiling)
+    latents = codec.encode(run.models, pixels, run.generator, run.vae_tiling, samples(run, len(pixels)))
     run.timings["vae_encoder"] = run.timings.get("vae_encoder", 0.0) + time.perf_counter() - t0
     return latents
 

@@ -32,7 +32,7 @@ from sdrt.runtime.core.generate import check_size
 from sdrt.runtime.core.request import check_strength
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.tasks.base import Task
-from sdrt.runtime.tasks.img2img import check_image_count, given_latents, image_latents, strength_plan, tile
+from sdrt.runtime.tasks.img2img import check_image_count, given_latents, image_latents, samples, strength_plan, tile
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class Inpaint(Task):
             self.extra_channels = np.concatenate([latent_mask, masked_latents], axis=1)
         else:
             if inputs.masked_pixels is not None:  # diffusers samples them, then leaves them unused
-                generator.randn((len(inputs.masked_pixels), *run.latent_shape()[1:]))
+                generator.randn((samples(run, len(inputs.masked_pixels)), *run.latent_shape()[1:]))
             self.blend = (picture, noise, latent_mask)
         run.timings["vae_encoder"] = time.perf_counter() - t0
         return latents
