@@ -144,6 +144,35 @@ def test_from_png_refuses_what_a_picture_cannot_carry(tmp_path, capsys):
     assert "holds no generation parameters" in capsys.readouterr().err
 
 
+def resolved(*argv):
+    """sdrt generate's arguments as cmd_generate completes them (reproduce.resolve_arguments), without running."""
+    from sdrt.runtime.cli import _given
+    from sdrt.runtime.reproduce import resolve_arguments
+
+    argv = ["generate", *map(str, argv)]
+    args = build_parser().parse_args(argv)
+    args.explicit = _given(build_parser(), argv)
+    resolve_arguments(args)
+    return args
+
+
+def test_from_png_finds_the_loras_by_name_and_warns_of_another_model(tmp_path, recwarn):
+    """LoRAs the prompt's tags do not name come from --lora-dir; a hash or version that differs is a warning."""
+    for name in ("style_a", "style_b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    text = ("a cat <lora:style_b:0.7>\nSteps: 2, Sampler: euler, CFG scale: 7, Seed: 1, Size: 32x32, "
+            "Model hash: 0123456789, Model: elsewhere, Loras: \"style_a:0.5, style_b:0.7\", Version: sdrt 0.0.1")
+    imageio.save_png(Image.new("RGB", (8, 8)), tmp_path / "in.png", text)
+    args = resolved("--from-png", tmp_path / "in.png", DEMO, "--lora-dir", tmp_path, "--steps", "5")
+    assert args.lora == [(str(tmp_path / "style_a.safetensors"), 0.5)]  # style_b: the prompt's tag
+    assert args.prompt == "a cat <lora:style_b:0.7>" and args.steps == 5 and args.seed == 1
+    assert args.scheduler == "euler" and args.size == (32, 32) and not args.random_seed
+    said = " ".join(str(w.message) for w in recwarn)
+    assert "has the hash 9c875194d8: the image will differ" in said and "made with sdrt 0.0.1" in said
+    assert resolved("--from-png", tmp_path / "in.png", DEMO, "--lora", "x.safetensors:1").lora == \
+        [("x.safetensors", 1.0)]  # --lora given: the picture's LoRAs are not added
+
+
 def test_a1111_and_sdcpp_sampler_names():
     assert scheduler_name("euler_a") == scheduler_name("Euler a") == "euler-a"
     assert scheduler_name("dpm++2m") == scheduler_name("DPM++ 2M") == "dpm++2m"
