@@ -1,7 +1,7 @@
 """Load test of `sdrt serve` on loopback: throughput and latency at several concurrencies, continuous batching on
 vs off, with the official openai client (AsyncOpenAI) as the load generator.
 
-    python bench/serve_load.py [--model models/shapes-demo-onnx] [--concurrency 1 4 16] [--steps 20]
+    python bench/serve_load.py [--model models/shapes-demo-onnx] [--concurrency 1 4 16] [--steps 20] [--size 32]
                                [--requests-per-client 3] [--budget 60] [--out bench/results]
 
 For each mode (batching on: `--max-batch 16`; off: `--no-batching`, one request at a time as diffusion servers
@@ -208,7 +208,7 @@ def main() -> int:
               "rows": [{k: v for k, v in r.items() if k != "digests"} for r in rows]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve-load-{date}"
+    stem = f"serve-load-{date}" + ("" if result["model"] == "shapes-demo-onnx" else f"-{result['model']}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# sdrt serve under load: {result['model']}, {args.size}x{args.size}, {args.steps} steps (CFG 7.5), "
              "loopback", "",
