@@ -51,3 +51,22 @@ def test_two_cpu_replicas_serve_the_pipeline_images():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_serve_run_entry_points(monkeypatch):
+    """`serve run sdrt.serve.ray:build_app folders=... replicas=2 num_gpus=1` and `sdrt.serve.ray:app` from
+    $SDRT_SERVE_FOLDERS bind the deployment with Ray's options (nothing starts until `serve run`)."""
+    from ray.serve import Application
+
+    import sdrt.serve.ray as served
+    from sdrt.engines.errors import SdrtError
+
+    app = served.build_app({"folders": str(DEMO), "replicas": "2", "num_gpus": "1", "max_batch": "4"})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_gpus"] == 1
+    monkeypatch.setenv(served.ENV_FOLDERS, str(DEMO))
+    assert isinstance(served.app, Application)
+    monkeypatch.delenv(served.ENV_FOLDERS)
+    with pytest.raises(SdrtError, match="SDRT_SERVE_FOLDERS"):
+        served.build_app({})
