@@ -2,9 +2,9 @@
 
 The VAE decoder gives NCHW floats in [-1, 1]; `to_uint8` / `to_unit` / `to_pil` turn them into what
 diffusers' pipelines return for output_type="pil" / "np". `from_pil` is the other way, for the VAE
-encoder (img2img). `save_png` writes a PNG atomically with the generation parameters in a
-"parameters" text chunk, the key AUTOMATIC1111's web UI writes and reads, as `format_parameters`
-formats them.
+encoder (img2img). `save_image` writes a PNG, JPEG or WebP atomically with the generation parameters
+where AUTOMATIC1111's web UI writes and reads them (a PNG "parameters" text chunk, the EXIF UserComment),
+as `format_parameters` formats them; `read_parameters` and `parse_parameters` read them back.
 """
 
 from __future__ import annotations
@@ -158,14 +158,41 @@ def exif_parameters(parameters: str) -> bytes:
     return exif.tobytes()
 
 
+class ParametersImage(Image.Image):
+    """A PIL image (as the pipelines return them) whose save() writes info["parameters"] where A1111 keeps it: a
+    PNG "parameters" text chunk, the EXIF UserComment of a JPEG or WebP. A pnginfo= or exif= given to save wins.
+    Pillow itself writes no `info` on save; images made from this one (copy, resize, convert) are plain
+    Image.Image again (their info keeps the text: write them with save_image)."""
+
+    def save(self, fp, format=None, **params):
+        text = self.info.get("parameters")
+        if isinstance(text, str):
+            kind = format
+            if kind is None:
+                name = fp if isinstance(fp, (str, bytes, os.PathLike)) else getattr(fp, "name", None)
+                suffix = os.path.splitext(os.fsdecode(name))[1].lower() if name else ""
+                kind = Image.registered_extensions().get(suffix)
+            if str(kind).upper() == "PNG" and "pnginfo" not in params:
+                params["pnginfo"] = png_info(text)
+            elif str(kind).upper() in ("JPEG", "WEBP") and "exif" not in params:
+                params["exif"] = exif_parameters(text)
+        return super().save(fp, format, **params)
+
+
+def png_info(parameters: str | None) -> PngInfo:
+    """A PngInfo holding `parameters` in a "parameters" text chunk (tEXt, or iTXt when not Latin-1, as PIL)."""
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    return info
+
+
 def attach_parameters(image: Image.Image, parameters: str) -> Image.Image:
-    """Set image.info["parameters"] and have image.save(path) write them (PNG text chunk; EXIF UserComment in
-    JPEG and WebP) through the image's `encoderinfo`, which Pillow's save reads (Pillow >= 11.1; older
-    versions ignore it: use save_image). Arguments given to save win."""
+    """Set image.info["parameters"]; a plain PIL image becomes a ParametersImage, so that image.save(path) writes
+    them (as sdrt generate does)."""
     image.info["parameters"] = parameters
-    png = PngInfo()
-    png.add_text("parameters", parameters)
-    image.encoderinfo = {"pnginfo": png, "exif": exif_parameters(parameters)}
+    if type(image) is Image.Image:
+        image.__class__ = ParametersImage
     return image
 
 
@@ -252,10 +279,7 @@ def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike, paramet
     format = format or output_format(path)
     options: dict = {}
     if format == "PNG":
-        info = PngInfo()
-        if parameters is not None:
-            info.add_text("parameters", parameters)
-        options["pnginfo"] = info
+        options["pnginfo"] = png_info(parameters)
     else:
         options["quality"] = DEFAULT_QUALITY if quality is None else quality
         if parameters is not None:

@@ -125,6 +125,10 @@ def test_api_images_keep_their_parameters_when_saved(tmp_path):
     for name in ("plain.png", "plain.jpg", "plain.webp"):  # Pillow's own save, no arguments
         image.save(tmp_path / name)
         assert imageio.read_parameters(tmp_path / name) == out.parameters[0], name
+    image.save(tmp_path / "theirs.png", pnginfo=imageio.png_info("theirs"))  # what the caller gives wins
+    imageio.save_image(image, tmp_path / "other.jpg", "other")
+    assert imageio.read_parameters(tmp_path / "theirs.png") == "theirs"
+    assert imageio.read_parameters(tmp_path / "other.jpg") == "other"
 
 
 def test_from_png_refuses_what_a_picture_cannot_carry(tmp_path, capsys):
