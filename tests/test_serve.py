@@ -344,11 +344,15 @@ def slow(running):
 
 
 def test_requests_admitted_together_share_text_encoder_and_vae_calls(slow):
-    """Requests that start at the same step boundary run one text-encoder call, and those that end together
-    one VAE-decoder call; each image still equals the pipeline's."""
+    """Requests that start at the same step boundary run one text-encoder call (and one VAE-encoder call for the
+    pictures of img2img and inpainting), and those that end together one VAE-decoder call; each image still
+    equals its pipeline's."""
     from sdrt.serve.limits import Limits
 
     model = slow.model
+    picture = alone("a white square on a black background", 1, 3).images[0]
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 16))
     gathered = []
     meeting = model.batcher.meeting
     meeting._on_batch = lambda engine, feeds: gathered.append((engine, feeds))
@@ -357,16 +361,22 @@ def test_requests_admitted_together_share_text_encoder_and_vae_calls(slow):
                              height=32, width=32)
         while first.loop is None or first.loop.i < 2:  # the batcher is busy with it: the next three wait
             time.sleep(0.01)
-        cases = [("a blue square", 1), ("a green triangle", 2), ("a white circle", 3)]
-        jobs = [model.submit("txt2img", Limits(), prompt=p, num_inference_steps=5, seed=s, height=32, width=32)
-                for p, s in cases]
+        cases = [("txt2img", "a blue square", 1, dict(height=32, width=32)),
+                 ("img2img", "a green triangle", 2, dict(image=picture, strength=1.0)),
+                 ("inpaint", "a white circle", 3, dict(image=picture, mask_image=mask))]
+        jobs = [model.submit(task, Limits(), prompt=prompt, num_inference_steps=5, seed=seed, **extra)
+                for task, prompt, seed, extra in cases]
         outputs = [job.future.result(timeout=60) for job in jobs]
         first.future.result(timeout=60)
     finally:
         meeting._on_batch = model.batcher._gathered
     assert ("text_encoder", 3) in gathered and ("vae_decoder", 3) in gathered, gathered
-    for (prompt, seed), output in zip(cases, outputs):
-        np.testing.assert_array_equal(pixels(output.images[0]), pixels(alone(prompt, seed, 5).images[0]))
+    assert ("vae_encoder", 2) in gathered, gathered
+    references = [alone("a blue square", 1, 5),
+                  pipeline("img2img")("a green triangle", picture, strength=1.0, num_inference_steps=5, seed=2),
+                  pipeline("inpaint")("a white circle", picture, mask, num_inference_steps=5, seed=3)]
+    for output, reference in zip(outputs, references):
+        np.testing.assert_array_equal(pixels(output.images[0]), pixels(reference.images[0]))
 
 
 def test_a_request_whose_client_disconnects_is_cancelled(slow):
