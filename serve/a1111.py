@@ -154,7 +154,8 @@ def _answer(body: dict, model, settings: dict, outputs: list, denoising_strength
         "interrupted": any(o.timings.get("interrupted") for o in outputs), "version": "sdrt",
     }
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-    return {"images": [images.b64_png(o.images[0], o.parameters[0]) for o in outputs],
+    send = body.get("send_images", True) is not False
+    return {"images": [images.b64_png(o.images[0], o.parameters[0]) for o in outputs] if send else [],
             "parameters": parameters, "info": json.dumps(info)}
 
 

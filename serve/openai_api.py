@@ -75,6 +75,11 @@ def router(server) -> APIRouter:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sdrt"}
                                            for name in server.models]}
 
+    @api.get("/v1/models/{name}")
+    async def model(name: str):
+        served = server.model(name)
+        return {"id": served.name, "object": "model", "created": 0, "owned_by": "sdrt"}
+
     @api.post("/v1/images/generations")
     async def generations(request: Request):
         try:

@@ -108,6 +108,7 @@ def alone(prompt, seed, steps, guidance=7.5, scheduler=None, negative=None, n=1,
 def test_openai_generations_equal_the_pipeline(running):
     client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
     result = client.images.generate(model=NAME, prompt="a red circle on a blue background", n=2, size="32x32",
                                     response_format="b64_json",
                                     extra_body={"seed": 7, "steps": 6, "guidance_scale": 5.0,
