@@ -97,11 +97,18 @@ def generate_settings(prompt: str, negative: str, settings: dict) -> tuple[dict,
         options["tile_size"], options["tile_overlap"] = size, overlap
     if "Denoising start" in settings:  # the refiner's half of an SDXL ensemble
         options["high_noise_frac"] = _number("Denoising start", settings["Denoising start"])
+    known = {*readers, "Sampler", "Schedule type", "Size", "VAE tiling", "Denoising start", "Mask padding"}
     facts = {key: settings[label] for key, label in (
         ("model", "Model"), ("model_hash", "Model hash"), ("version", "Version"), ("loras", "Loras"),
         ("lora_hashes", "Lora hashes"), ("controlnet", "Controlnet"),
         ("refiner", "Denoising start"), ("vae", "VAE")) if label in settings}
+    ignored = [label for label in settings if label not in known and label not in _FACTS]
+    if ignored:  # another tool's settings (A1111's hires fix, extensions...): the image will differ
+        warnings.warn(f"the picture's parameters hold settings sdrt does not take, left out: {', '.join(ignored)}")
     return options, facts
+
+
+_FACTS = {"Model", "Model hash", "Version", "Loras", "Lora hashes", "Controlnet", "VAE"}
 
 
 def loras(text: str) -> dict[str, float]:

@@ -189,6 +189,19 @@ def test_a1111_and_sdcpp_sampler_names():
         scheduler_name("DPM2 a")
 
 
+def test_an_a1111_infotext_reads_as_sdrt_options():
+    from sdrt.runtime.reproduce import generate_settings
+
+    text = ("a cat, (photo:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 7, Seed: 1, Size: 512x768, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, RNG: CPU, "
+            "Hires upscale: 2, Version: v1.10.1")
+    with pytest.warns(UserWarning, match="sdrt does not take, left out: Hires upscale"):
+        options, facts = generate_settings(*imageio.parse_parameters(text))
+    assert options == {"prompt": "a cat, (photo:1.2)", "negative": "blurry", "steps": 20, "guidance": 7.0,
+                       "seed": 1, "clip_skip": 1, "rng": "torch", "scheduler": "dpm++2m-karras", "size": (512, 768)}
+    assert facts == {"model": "v1-5", "model_hash": "6ce0161689", "version": "v1.10.1"}
+
+
 # -- the command line's habits --------------------------------------------------------------------------------------
 
 def test_sdcpp_and_a1111_flags_make_the_same_image(tmp_path):
