@@ -256,6 +256,14 @@ def router(server) -> APIRouter:
             server.default_model = server.model(name).name
         return {}
 
+    @api.post("/png-info")
+    async def png_info(request: Request):
+        body = await _json(request)
+        picture = images.from_base64(body.get("image"), "image", server.limits.max_pixels)
+        text = picture.info.get("parameters", "")
+        return {"info": text, "items": {k: v for k, v in picture.info.items() if isinstance(v, str)},
+                "parameters": {}}
+
     @api.get("/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}

@@ -28,7 +28,8 @@ from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt.serve")
 API_KEY_ENV = "SDRT_API_KEY"
-OPEN_PATHS = ("/healthz",)  # answered without the API key (load balancers' probes)
+OPEN_PATHS = ("/healthz",)
+OPENAI_MODELS = ("dall-e-", "gpt-image-")  # OpenAI's image models' names, answered by the default model  # answered without the API key (load balancers' probes)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Server:
         for served in self.models.values():  # A1111 titles may carry a hash: "name [abc123]"
             if name.split(" [")[0] == served.name:
                 return served
+        if name.startswith(OPENAI_MODELS):  # clients written for OpenAI name its models: the default one serves
+            return self.model(None)
         raise UnknownModelError(f"no model named {name!r}; this server has {', '.join(self.models)} (GET /v1/models)")
 
     async def generate(self, request: Request, model, task: str, api: str, **given):

@@ -115,6 +115,10 @@ def test_openai_generations_equal_the_pipeline(running):
                                                 "negative_prompt": "green", "scheduler": "euler-a"})
     reference = alone("a red circle on a blue background", 7, 6, 5.0, "euler-a", "green", n=2)
     assert len(result.data) == 2
+    other = client.images.generate(model="dall-e-2", prompt="a red circle on a blue background", size="32x32", n=2,
+                                   extra_body={"seed": 7, "steps": 6, "guidance_scale": 5.0, "negative_prompt": "green",
+                                               "scheduler": "euler-a"})  # OpenAI's model names: the default model
+    assert [d.b64_json for d in other.data] == [d.b64_json for d in result.data]
     for item, image, parameters in zip(result.data, reference.images, reference.parameters):
         served = decode(item.b64_json)
         np.testing.assert_array_equal(pixels(served), pixels(image))
@@ -168,6 +172,7 @@ def test_webuiapi_txt2img_images_equal_the_cli(running, tmp_path):
         cli = Image.open(out)
         np.testing.assert_array_equal(pixels(image), pixels(cli))
         assert result.info["infotexts"][k] == cli.info["parameters"]
+        assert api.png_info(image).info == cli.info["parameters"]
 
 
 def test_webuiapi_img2img_with_and_without_mask(running):
