@@ -203,13 +203,15 @@ MIX = [  # seeds, step counts, schedulers, guidance on and off, arriving at stag
          scheduler="heun"),
     dict(api="openai", prompt="a green square", seed=5, steps=25, guidance=8.0, scheduler="dpm++2m-karras"),
     dict(api="a1111", prompt="a black triangle", seed=6, steps=16, guidance=7.5, scheduler="lms"),
+    dict(api="openai", prompt="a red square", seed=7, steps=14, guidance=7.5, scheduler=None, size=48),  # own group
 ]
 A1111_NAMES = {"euler-a": "Euler a", "heun": "Heun", "lms": "LMS", None: None}
 
 
 def _send(url: str, case: dict) -> Image.Image:
     if case["api"] == "openai":
-        body = {"model": NAME, "prompt": case["prompt"], "size": "32x32", "seed": case["seed"],
+        size = case.get("size", 32)
+        body = {"model": NAME, "prompt": case["prompt"], "size": f"{size}x{size}", "seed": case["seed"],
                 "steps": case["steps"], "guidance_scale": case["guidance"], "scheduler": case["scheduler"]}
         response = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
         assert response.status_code == 200, response.text
@@ -223,7 +225,8 @@ def _send(url: str, case: dict) -> Image.Image:
 
 def test_continuous_batching_equals_each_request_alone(running):
     """Requests of different seeds, steps, schedulers and guidance scales, arriving at staggered times, share UNet
-    calls (the metrics show batches of more than one request) and each image equals the request run alone."""
+    calls (the metrics show batches of more than one request; a request of another size runs beside them in its
+    own call) and each image equals the request run alone."""
     calls_before = running.metric("sdrt_batch_requests_count")
     rows_before = running.metric("sdrt_batch_requests_sum")
     with ThreadPoolExecutor(len(MIX)) as pool:
@@ -238,7 +241,8 @@ def test_continuous_batching_equals_each_request_alone(running):
     assert requests_stepped == evaluations  # every evaluation of every request ran, once
     assert calls < evaluations * 0.75, (calls, evaluations)  # ... in shared UNet calls
     for case, image in zip(MIX, served):
-        reference = alone(case["prompt"], case["seed"], case["steps"], case["guidance"], case["scheduler"])
+        reference = alone(case["prompt"], case["seed"], case["steps"], case["guidance"], case["scheduler"],
+                          size=case.get("size", 32))
         np.testing.assert_array_equal(pixels(image), pixels(reference.images[0]), err_msg=str(case))
 
 
