@@ -187,10 +187,11 @@ def _apply(args, settings: dict, facts: dict, explicit: set) -> None:
             for dest, k in (("control_scale", 1), ("control_start", 2), ("control_end", 3)):
                 if dest not in explicit:
                     setattr(args, dest, [net[k] for net in nets])
-    if facts.get("vae", "taesd") == "taesd" and "vae" not in explicit and "vae" in facts:
-        args.vae = "taesd"
-    elif "vae" in facts and "vae" not in explicit:
-        warnings.warn(f"{source} was decoded with the VAE {facts['vae']!r}; sdrt decodes with the folder's")
+    if "vae" in facts and "vae" not in explicit:
+        if facts["vae"] == "taesd":
+            args.vae = "taesd"
+        else:
+            warnings.warn(f"{source} was decoded with the VAE {facts['vae']!r}; sdrt decodes with the folder's")
     if "loras" in facts and "lora" not in explicit:
         from sdrt.runtime.lora import extract_tags, find_in_dir
 
@@ -212,10 +213,11 @@ def _check_model(args, facts: dict) -> None:
     from sdrt.runtime.core.generate import unet_hash
 
     if "model_hash" in facts:
-        here = unet_hash(ModelFolder.open(args.folder, verify="none"))
+        folder = args.refiner if "refiner" in facts else args.folder  # the refiner wrote an ensemble's picture
+        here = unet_hash(ModelFolder.open(folder, verify="none"))
         if here != facts["model_hash"]:
             warnings.warn(f"{args.from_png} was made with the model {facts.get('model', '?')} (hash "
-                          f"{facts['model_hash']}); {args.folder} has the hash {here}: the image will differ")
+                          f"{facts['model_hash']}); {folder} has the hash {here}: the image will differ")
     version = f"sdrt {sdrt_version()}"
     if "version" in facts and facts["version"] != version:
         warnings.warn(f"{args.from_png} was made with {facts['version']}; this is {version}: the image may differ")
