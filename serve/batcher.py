@@ -72,7 +72,8 @@ class Batcher:
             engine = getattr(models, attr, None)
             if engine is not None and not isinstance(engine, Gather):
                 setattr(models, attr, Gather(engine, self.meeting, attr))
-        self._pool = ThreadPoolExecutor(max_workers=max(2, max_batch), thread_name_prefix=f"sdrt-{name}")
+        self._workers = max(2, max_batch)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=f"sdrt-{name}")
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -169,7 +170,11 @@ class Batcher:
 
     def _together(self, function, jobs: list[Job]) -> list:
         """function(job) for each job, each in its own thread, their gathered engine calls batched; results or
-        exceptions, in order."""
+        exceptions, in order. (Never more parties than threads: a party without one would hold the others.)"""
+        size = self._workers
+        if len(jobs) > size:
+            return [r for k in range(0, len(jobs), size) for r in self._together(function, jobs[k:k + size])]
+
         def party(job):
             try:
                 return function(job)
