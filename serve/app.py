@@ -28,8 +28,8 @@ from sdrt.serve.metrics import Metrics
 
 log = logging.getLogger("sdrt.serve")
 API_KEY_ENV = "SDRT_API_KEY"
-OPEN_PATHS = ("/healthz",)
-OPENAI_MODELS = ("dall-e-", "gpt-image-")  # OpenAI's image models' names, answered by the default model  # answered without the API key (load balancers' probes)
+OPEN_PATHS = ("/healthz",)  # answered without the API key (load balancers' probes)
+OPENAI_MODELS = ("dall-e-", "gpt-image-")  # OpenAI's image models' names, answered by the default model
 
 
 @dataclass
