@@ -272,7 +272,7 @@ class OrtEngine(Engine):
         if missing:
             raise EngineError(f"{self.path}: feed lacks inputs {missing}")
         kept = (_import_onnxruntime().OrtValue, Resident) if self.io_binding else ()
-        return {n: feed[n] if isinstance(feed[n], kept) else np.ascontiguousarray(feed[n], dtype=dtypes[n])
+        return {n: feed[n] if isinstance(feed[n], kept) else np.require(feed[n], dtypes[n], "C")  # keeps 0-d scalars
                 for n in dtypes}
 
     def _bound(self) -> BoundRunner:

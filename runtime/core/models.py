@@ -13,6 +13,7 @@ from sdrt.engines.fallback import FiniteOrFallback, fallback_file
 from sdrt.runtime import memory
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.control import ControlNetFolder
+from sdrt.runtime.core import timestep
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae import require_encoder, select_vae
@@ -50,7 +51,7 @@ class Models:
             present = component in folder.components
             setattr(self, tokenizer, ClipTokenizer.from_folder(folder.path / tokenizer) if present else None)
             setattr(self, component, self.engine(component) if present else None)
-        self.unet = self.engine("unet")
+        self.unet = timestep.adapt(self.engine("unet"), folder)  # an optimum UNet takes a scalar timestep
         self.vae_decoder = self.nan_safe(self.vae_choice.decoder)
         self.vae_encoder = self.engine(self.vae_choice.encoder) if encoder else None
         # ControlNets (sdrt.runtime.control): (folder, engine) pairs, each checked against this base first.
