@@ -222,6 +222,7 @@ class OvEngine(Engine):
         except Exception as e:  # OpenVINO raises untyped RuntimeErrors
             raise EngineError(_load_failure(self.path, self.options.device, e)) from e
         self._request = self._compiled.create_infer_request()
+        self._file_model = None  # the compiled network answers for its interface now
         if self.options.validate:
             from sdrt.engines.parity import check_against_onnxruntime
 
@@ -271,6 +272,8 @@ class OvEngine(Engine):
                               "LoRAs with --provider cpu (onnxruntime)")
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not (self.options.static_shapes and self._compiled is None):
+            self.load()  # before reading the interface: reading it from the file would hold a second copy of the weights
         dtypes = self.input_dtypes
         missing = [n for n in dtypes if n not in feed]
         if missing:

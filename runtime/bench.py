@@ -66,6 +66,7 @@ class BenchSettings:
     precision: str | None = None  # --provider openvino: auto | fp32 | bf16 | f16 (None: auto)
     performance_hint: str | None = None  # --provider openvino: latency | throughput
     num_threads: int | None = None  # --provider openvino: inference threads
+    cache_interval: int = 1  # step caching (DeepCache): a full UNet every N steps, the shallow branch between
 
     def check(self) -> None:
         for name in ("steps", "batch", "runs"):
@@ -81,6 +82,8 @@ class BenchSettings:
         """The keywords that open the pipeline (also sent to the cold-start subprocess)."""
         openvino = {k: getattr(self, k) for k in ("precision", "performance_hint", "num_threads")
                     if getattr(self, k) is not None}
+        if self.cache_interval != 1:
+            openvino["cache_interval"] = self.cache_interval
         return dict(provider=self.provider, scheduler=self.scheduler, allow_fallback=self.allow_fallback,
                     io_binding=self.io_binding, cuda_graph=self.cuda_graph, verify=self.verify, **openvino)
 

@@ -141,6 +141,17 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_deepcache(args) -> int:
+    try:
+        import onnx  # noqa: F401  (build time only)
+    except ImportError as e:
+        raise SdrtError("sdrt deepcache needs onnx: pip install 'sdrt[lora]' (or 'sdrt[export]')") from e
+    from sdrt.export.deepcache import split_unet
+
+    split_unet(args.folder, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def cmd_export_taesd(args) -> int:
     try:
         from sdrt.export.taesd import export_taesd
@@ -437,6 +448,8 @@ def _engine_flags(args) -> dict:
     if args.no_io_binding:
         flags["io_binding"] = False
     flags.update(_openvino_flags(args))
+    if getattr(args, "cache_interval", 1) != 1:
+        flags["cache_interval"] = args.cache_interval
     loras = getattr(args, "lora", None) or getattr(args, "lora_dir", None)  # generate only
     if loras and args.provider.lower() in ("tensorrt", "trt"):
         flags["refit"] = True  # LoRA weights reach native TensorRT plans by refitting them
@@ -552,6 +565,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="--provider openvino: OpenVINO's performance hint (default latency)")
     parser.add_argument("--threads", type=int, default=None,
                         help="--provider openvino: inference threads (default: OpenVINO's, every core)")
+    parser.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                        help="step caching (DeepCache): run the whole UNet every N steps and only its shallow branch "
+                             "on the cached deep features between (needs `sdrt deepcache FOLDER` first; default 1: off)")
 
 
 def cmd_serve(args) -> int:
@@ -773,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a PNG chart: in --out, or without it in the working folder")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+
+    dc = sub.add_parser("deepcache", help="write the UNet's step-caching graphs (full + deep feature, shallow "
+                        "branch) into an exported folder, for --cache-interval (needs onnx)")
+    dc.add_argument("folder", help="a folder written by `sdrt export` (or sdrt optimize / quantize), updated in place")
+    dc.set_defaults(func=cmd_deepcache)
 
     t = sub.add_parser("export-taesd", help="add a tiny VAE (TAESD) to an exported folder, for --vae taesd "
                        "(needs sdrt[export])")

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from sdrt.runtime.errors import CancelledError, GenerationError
+from sdrt.runtime.deepcache import step_cache
+from sdrt.runtime.errors import CancelledError, GenerationError, InvalidInputError
 
 
 UNCOND, COND = "negative", "positive"  # the halves a UNet call holds, in row order
@@ -58,8 +59,10 @@ class Denoising:
         models.stage_done(*(e for e in models.engines() if e is not unet))  # any stage left loaded
         # The session's dtype (optimum folders differ from the spec); with ControlNets taking turns the spec's
         # (sdrt's own export), so that the UNet is not loaded here only to leave for the first ControlNet call.
+        self.cache = step_cache(models, getattr(models, "cache_interval", 1))  # step caching (DeepCache); None: off
         self.timestep_dtype = np.dtype(unet.spec.input("timestep").dtype) \
-            if getattr(models, "alternate_controlnet", False) else unet.input_dtypes["timestep"]
+            if getattr(models, "alternate_controlnet", False) else \
+            (unet if self.cache is None else self.cache.full).input_dtypes["timestep"]
         self.guided_calls, self.conditional_calls = _halves(run.conditioning, run.guidance.enabled,
                                                             run.cfg_mode == "sequential")
         self._resident = {}  # id of a conditioning part -> (batch, the part as fed), made once per generation
@@ -67,6 +70,9 @@ class Denoising:
         self._parts(self.guided_calls)
         self.per_call = [task for task in run.tasks
                          if getattr(type(task), "call_inputs", None) is not _NO_CALL_INPUTS]
+        if self.cache is not None and self.per_call:
+            raise InvalidInputError("step caching (cache_interval > 1) does not combine with ControlNet, whose "
+                                    "residuals change every step; use cache_interval=1")
         self.guided = False
 
     @property
@@ -109,6 +115,13 @@ class Denoising:
 
         return feeds()
 
+    def unet_output(self, k: int, feed: dict) -> np.ndarray:
+        """out_sample for the k-th feed of `calls()`: the UNet, or with step caching the full graph or the shallow
+        branch on the feature cached for this call (the k-th call of a guided or unguided step)."""
+        if self.cache is None:
+            return self.unet.run(feed)["out_sample"]
+        return self.cache.run(self.i, (self.guided, k), feed)
+
     def advance(self, outputs: list[np.ndarray]) -> None:
         """The UNet's out_sample for each feed of `calls()`, in order -> guidance, one solver step, the tasks'
         after-step and the callback; then the next evaluation."""
@@ -133,6 +146,9 @@ class Denoising:
         """The loop's engines leave in low-memory mode (the ControlNets with the UNet)."""
         models = self.run.models
         models.stage_done(self.unet, *models.controlnet_engines)
+        if self.cache is not None:
+            models.stage_done(*self.cache.engines())
+            self.run.timings["unet_shallow_calls"] = self.cache.shallow_calls
 
 
 def denoise(run, latents: np.ndarray) -> np.ndarray:
@@ -155,7 +171,7 @@ def denoise(run, latents: np.ndarray) -> np.ndarray:
     for _ in steps:
         feeds = loop.calls()
         t_unet = time.perf_counter()
-        outputs = [loop.unet.run(feed)["out_sample"] for feed in feeds]
+        outputs = [loop.unet_output(k, feed) for k, feed in enumerate(feeds)]
         unet_seconds += time.perf_counter() - t_unet
         loop.advance(outputs)
     loop.close()

@@ -13,6 +13,7 @@ from sdrt.engines.fallback import FiniteOrFallback, fallback_file
 from sdrt.runtime import memory
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.control import ControlNetFolder
+from sdrt.runtime.deepcache import check_interval, require_graphs
 from sdrt.runtime.core import timestep
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.tokenizer import ClipTokenizer
@@ -41,6 +42,9 @@ class Models:
         self.folder = folder
         self.provider = provider
         self.low_memory = low_memory
+        self.cache_interval = check_interval(engine_options.pop("cache_interval", 1))  # sdrt.runtime.deepcache
+        if self.cache_interval > 1:
+            require_graphs(folder)
         if low_memory and "session_options" not in engine_options:
             engine_options = {**memory.LOW_MEMORY_SESSION, **engine_options}
         self.engine_options = engine_options
@@ -106,3 +110,5 @@ class Models:
     def release(self) -> None:
         for engine in self.engines():
             engine.release()
+        if getattr(self, "_step_cache", None) is not None:
+            self._step_cache.release()
