@@ -89,6 +89,9 @@ def generate_settings(prompt: str, negative: str, settings: dict) -> tuple[dict,
             options[dest] = read(settings[label])
     if "Sampler" in settings:
         options["scheduler"] = scheduler_name(settings["Sampler"], settings.get("Schedule type"))
+    if "Scheduler options" in settings:  # "key=value; key=value": sdrt generate's --scheduler-option, each
+        options["scheduler_option"] = [item.strip() for item in settings["Scheduler options"].split(";")
+                                       if item.strip()]
     if "Size" in settings:
         width, height = (int(v) for v in _pair("Size", settings["Size"], "x"))
         options["size"] = (width, height)
@@ -97,7 +100,8 @@ def generate_settings(prompt: str, negative: str, settings: dict) -> tuple[dict,
         options["tile_size"], options["tile_overlap"] = size, overlap
     if "Denoising start" in settings:  # the refiner's half of an SDXL ensemble
         options["high_noise_frac"] = _number("Denoising start", settings["Denoising start"])
-    known = {*readers, "Sampler", "Schedule type", "Size", "VAE tiling", "Denoising start", "Mask padding"}
+    known = {*readers, "Sampler", "Schedule type", "Scheduler options", "Size", "VAE tiling", "Denoising start",
+             "Mask padding"}
     facts = {key: settings[label] for key, label in (
         ("model", "Model"), ("model_hash", "Model hash"), ("version", "Version"), ("loras", "Loras"),
         ("lora_hashes", "Lora hashes"), ("controlnet", "Controlnet"),
@@ -167,6 +171,9 @@ def _apply(args, settings: dict, facts: dict, explicit: set) -> None:
     """--from-png's settings on args, under the flags given; refusals for what a picture cannot carry."""
     source = args.from_png
     for dest, value in settings.items():
+        if dest == "scheduler_option" and ({"scheduler_option", "scheduler_config"} & explicit
+                                           or not hasattr(args, dest)):
+            continue  # the options given (or a whole config file) replace the picture's
         if dest not in explicit and not (dest == "size" and {"image", "width", "height"} & explicit):
             setattr(args, dest, value)
     if args.rng not in ("torch", "numpy"):

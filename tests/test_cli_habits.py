@@ -63,6 +63,30 @@ def test_from_png_makes_the_same_image_bit_for_bit(tmp_path):
     assert not np.array_equal(pixels(other), pixels(first))
 
 
+def test_scheduler_options_are_recorded_and_made_again(tmp_path):
+    """Options that differ from the folder's scheduler_config.json go into the text as --scheduler-option takes them."""
+    from sdrt.runtime.pipeline import StableDiffusionPipeline
+    from sdrt.runtime.reproduce import generate_settings
+    from sdrt.runtime.schedulers import load_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO)
+    assert "Scheduler options" not in pipe(PROMPT, num_inference_steps=1, seed=1).parameters[0]
+    pipe.scheduler = load_scheduler(dict(pipe.folder.scheduler_config, timestep_spacing="trailing"), name="euler")
+    text = pipe(PROMPT, num_inference_steps=1, seed=1).parameters[0]
+    assert "Sampler: euler," in text and "Scheduler options: timestep_spacing=trailing," in text
+    options, _ = generate_settings(*imageio.parse_parameters(text))
+    assert options["scheduler"] == "euler" and options["scheduler_option"] == ["timestep_spacing=trailing"]
+    parser = build_parser()
+    if "--scheduler-option" not in parser._subparsers._group_actions[0].choices["generate"]._option_string_actions:
+        return  # the command line's --scheduler-option (issue 18, section 2) is not there yet
+    options = ["--steps", "3", "-s", "2", "--scheduler", "euler", "--scheduler-option", "timestep_spacing=trailing"]
+    assert run(DEMO, PROMPT, "-o", tmp_path / "a.png", *options) == 0
+    assert run("--from-png", tmp_path / "a.png", DEMO, "-o", tmp_path / "b.png") == 0
+    assert run(DEMO, PROMPT, "-o", tmp_path / "plain.png", *options[:-2]) == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "plain.png"))
+
+
 def test_each_image_of_a_batch_has_its_own_seed(tmp_path):
     """-b 3 -s 5: the images of seeds 5, 6, 7, each the image of a run of one with that seed, numbered by %d."""
     assert run(DEMO, PROMPT, "--steps", "2", "-b", "3", "-s", "5", "-o", tmp_path / "batch_%02d.png") == 0

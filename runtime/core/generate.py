@@ -9,6 +9,7 @@ A generation's state lives in a `Run`, made per call, so one Generator serves co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.core import budget, codec, loop
 from sdrt.runtime.core.models import Models
 from sdrt.runtime.core.request import Request
+from sdrt.engines.errors import SdrtError
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.guidance import Guidance
 from sdrt.runtime.prompts import check_emphasis
@@ -201,13 +203,26 @@ class Generator:
         seeds = getattr(run.generator, "seeds", None)
         return list(seeds) if seeds is not None else [getattr(run.generator, "seed", None)] * run.batch
 
+    def _scheduler_options(self, run: Run) -> str | None:
+        """The run's scheduler options that differ from the folder's scheduler_config.json read for the same name
+        (set with --scheduler-option / --scheduler-config, or a scheduler given to the pipeline), as
+        "key=value; key=value" (values in JSON unless a plain word), what --scheduler-option takes; None for none."""
+        scheduler = run.scheduler
+        try:
+            reference = self._scheduler(scheduler.name).config
+        except SdrtError:  # a scheduler the folder's config cannot make: record all it differs in from defaults
+            reference = type(scheduler.config)(class_name=scheduler.config.class_name)
+        differ = {f.name: getattr(scheduler.config, f.name) for f in dataclasses.fields(scheduler.config)
+                  if getattr(scheduler.config, f.name) != getattr(reference, f.name)}
+        return "; ".join(f"{key}={_option_value(value)}" for key, value in differ.items()) or None
+
     def _parameters(self, run: Run) -> list[str]:
         """A1111-style parameters text per image: enough to make it again (sdrt generate --from-png), with every
         option that changes the image and is not its default (and --low-memory, which does not)."""
         request = run.request
         negatives = request.negative_prompt or ("",) * len(request.prompt)
         fields = dict(steps=request.num_inference_steps, guidance_scale=request.guidance_scale, **run.parameters)
-        options = {"RNG": getattr(run.generator, "kind", None)}
+        options = {"RNG": getattr(run.generator, "kind", None), "scheduler_options": self._scheduler_options(run)}
         if request.guidance_interval is not None:
             options["guidance_interval"] = "{}-{}".format(*request.guidance_interval)
         if request.guidance_rescale:
@@ -237,6 +252,17 @@ class Generator:
                                           seed=seed, model=self.folder.path.name, model_hash=self.model_hash(),
                                           **fields, **options)
                 for (prompt, negative), seed in zip(images, seeds)]
+
+
+def _option_value(value) -> str:
+    """A scheduler option's value as --scheduler-option reads it back: JSON, or a word as it is (trailing)."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            if value.lower() not in ("true", "false", "none", "null") and ";" not in value:
+                return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 def unet_hash(folder: ModelFolder) -> str:
