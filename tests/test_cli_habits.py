@@ -224,6 +224,11 @@ def test_an_a1111_infotext_reads_as_sdrt_options():
     assert options == {"prompt": "a cat, (photo:1.2)", "negative": "blurry", "steps": 20, "guidance": 7.0,
                        "seed": 1, "clip_skip": 1, "rng": "torch", "scheduler": "dpm++2m-karras", "size": (512, 768)}
     assert facts == {"model": "v1-5", "model_hash": "6ce0161689", "version": "v1.10.1"}
+    from sdrt.runtime.reproduce import controlnets, loras
+
+    assert controlnets("canny (scale 0.75, 0-1), my depth (scale 1, 0.2-0.5)") == [
+        ("canny", 0.75, 0.0, 1.0), ("my depth", 1.0, 0.2, 0.5)]
+    assert loras("style a:0.8, b:1") == {"style a": 0.8, "b": 1.0}
 
 
 # -- the command line's habits --------------------------------------------------------------------------------------
