@@ -346,6 +346,7 @@ def _generate(args) -> int:
             common[name] = value
     if args.refiner is None and args.high_noise_frac is not None:
         raise InvalidInputError("--high-noise-frac applies only with --refiner (where the base hands over)")
+    scheduler = _scheduler_override(args)  # --scheduler-config / --scheduler-option, checked before any engine
     control_options, control_call = _control(args)
     if control_options:
         from sdrt.runtime.controlnet import control_pipeline
@@ -364,6 +365,8 @@ def _generate(args) -> int:
             control_call["image"] = control_call.pop("control_image")
         else:
             pipe = text_to_image_pipeline(args.folder, **options)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
         width, height = args.size if args.size else (None, None)
         if args.refiner is None:
             result = pipe(args.prompt, height=height, width=width, **common, **control_call,
@@ -390,6 +393,8 @@ def _generate(args) -> int:
                                     **control_options)
         else:
             pipe = factory(args.folder, **options)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
         if args.refiner is None:
             result = pipe(args.prompt, picture, *mask_arg, **strength, **common, **control_call,
                           **_second_prompts(args, pipe))
@@ -408,6 +413,20 @@ def _generate(args) -> int:
     print(f"{seeds}; text encoder {t['text_encoder']:.2f} s, UNet {t['unet']:.2f} s "
           f"({t['steps']} steps{calls}), VAE decode {t['vae_decoder']:.2f} s", file=sys.stderr)
     return 0
+
+
+def _scheduler_override(args):
+    """The scheduler made from the folder's scheduler_config.json with --scheduler-config (a whole file instead)
+    and --scheduler-option KEY=VALUE (each over it), as diffusers users edit that file; None without them."""
+    if args.scheduler_config is None and not args.scheduler_option:
+        return None
+    from sdrt.runtime.config import ModelFolder
+    from sdrt.runtime.schedulers import load_scheduler
+    from sdrt.runtime.schedulers.overrides import merged
+
+    folder = ModelFolder.open(args.folder, verify="none")  # configs only: the files are verified when loaded
+    return load_scheduler(merged(folder.scheduler_config, args.scheduler_config, args.scheduler_option),
+                          name=args.scheduler)
 
 
 def _base_and_refiner(args, base, inputs: tuple, options: dict, common: dict, refiner_pipeline, mask_arg: tuple):
@@ -697,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn each --control-image into canny edges first (OpenCV: pip install 'sdrt[control]')")
     g.add_argument("--canny-thresholds", type=_canny, default=None, metavar="LOW,HIGH",
                    help="with --canny: the hysteresis thresholds (default 100,200, as controlnet_aux)")
+    g.add_argument("--scheduler-config", metavar="FILE.json",
+                   help="a scheduler_config.json to use instead of the folder's (diffusers' format and checks)")
+    g.add_argument("--scheduler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one scheduler option over the folder's config, as diffusers' from_config(config, "
+                        "KEY=VALUE): timestep_spacing=trailing, use_karras_sigmas=true, rescale_betas_zero_snr=true, "
+                        "prediction_type=v_prediction... (repeatable)")
     g.add_argument("--scheduler", "--sampling-method", "--sampler", dest="scheduler", type=_scheduler, default=None,
                    help="the sampler (default: the folder's scheduler_config.json): " + _scheduler_names() +
                         " (stable-diffusion.cpp's names work too: euler_a, dpm++2m...; and A1111's: 'Euler a', "

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrt.engines.files import MANIFEST, cached_sha256
+from sdrt.engines.files import MANIFEST, cached_sha256, sha256_file
 from sdrt.engines.spec import NetworkSpec, latent_multiple, spec_for, vae_scale_factor
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
 from sdrt.runtime import schema
@@ -64,6 +64,14 @@ class VaeConfig:
         )
 
 
+def is_editable(rel: str) -> bool:
+    """Whether a folder file (path relative to the folder) is a JSON config users may edit, as diffusers users do
+    (scheduler options, default size, ...): model_index.json, scheduler/*.json, COMPONENT/config.json."""
+    parts = rel.split("/")
+    return rel == "model_index.json" or (len(parts) == 2 and parts[0] == "scheduler" and rel.endswith(".json")) or \
+        (len(parts) == 2 and parts[1] == "config.json" and parts[0] in COMPONENTS)
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     """A validated view of an exported folder (written by sdrt, or by optimum without sdrt.json)."""
@@ -99,6 +107,10 @@ class ModelFolder:
                    for c in components}
         configs["scheduler"] = schema.check_object(read_json(path / "scheduler" / "scheduler_config.json"),
                                                    path / "scheduler" / "scheduler_config.json")
+        entry = index.get("scheduler")
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]:
+            # diffusers makes the class model_index.json names, from the options in scheduler_config.json
+            configs["scheduler"] = {**configs["scheduler"], "_class_name": entry[1]}
         manifest = schema.check_manifest(read_json(path / MANIFEST), path / MANIFEST) \
             if (path / MANIFEST).is_file() else None
         folder = cls(path, PIPELINES[cls_name], cls_name, components, configs, manifest)
@@ -107,10 +119,14 @@ class ModelFolder:
         return folder
 
     def verify(self, full: bool = False) -> None:
-        """Check the files recorded in sdrt.json: present, same size, and (full) same sha256."""
+        """Check the files recorded in sdrt.json: present, same size, and (full) same sha256. The JSON configs
+        (model_index.json, scheduler/, each component's config.json) are editable, as in diffusers folders: they
+        are checked by schema when read, not against the export (`edited_configs` says which differ)."""
         if self.manifest is None:
             return
         for rel, rec in self.manifest.get("files", {}).items():
+            if is_editable(rel):
+                continue
             f = self.path / rel
             if not f.is_file():
                 raise ModelFolderError(f"{f} is missing (listed in {MANIFEST}); re-export the folder")
@@ -121,6 +137,17 @@ class ModelFolder:
                 )
             if full and cached_sha256(f) != rec["sha256"]:
                 raise ModelFolderError(f"{f} does not match its sha256 in {MANIFEST}: corrupted or modified; re-export")
+
+    def edited_configs(self) -> list[str]:
+        """The editable JSON configs that differ from the export (sdrt.json's sha256), or were added or removed."""
+        if self.manifest is None:
+            return []
+        recorded = {rel: rec for rel, rec in self.manifest.get("files", {}).items() if is_editable(rel)}
+        present = {f.relative_to(self.path).as_posix() for f in self.path.rglob("*.json") if f.is_file()}
+        present = {rel for rel in present if is_editable(rel)}
+        changed = [rel for rel in sorted(recorded.keys() | present)
+                   if rel not in recorded or rel not in present or sha256_file(self.path / rel) != recorded[rel]["sha256"]]
+        return changed
 
     @property
     def vae(self) -> VaeConfig:

@@ -34,6 +34,7 @@ def describe(path, verify: str = "sha256") -> dict:
         "default_size": folder.default_size,
         "size_multiple": folder.pixel_multiple,
         "verified": "sha256" if (folder.manifest and verify == "sha256") else ("size" if folder.manifest else "none"),
+        "edited_configs": folder.edited_configs(),  # editable JSON configs that differ from the export
         "versions": manifest.get("versions"),
         "components": components,
     }
@@ -49,6 +50,8 @@ def format_info(info: dict) -> str:
         f"  size       default {info['default_size']} px, multiples of {info['size_multiple']} px",
         f"  files      verified: {info['verified']}",
     ]
+    if info.get("edited_configs"):
+        lines.append(f"  edited     {', '.join(info['edited_configs'])} (differ from the export; in use)")
     for name, c in info["components"].items():
         err = f"max err vs torch {c['max_abs_error']:.2e}" if c["max_abs_error"] is not None else "not validated"
         lines.append(f"  {name:<13} {c['size_bytes'] / 1e6:8.1f} MB  {err}")

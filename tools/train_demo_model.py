@@ -241,6 +241,11 @@ def train(args) -> None:
     )
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
+    # DPMSolverMultistepScheduler does not write the options other schedulers read, whose diffusers defaults
+    # (clip_sample=True for DDIM/DDPM, set_alpha_to_one=True) do not fit this model: write SD1.5's values.
+    sched = out / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False, "set_alpha_to_one": False,
+                                 "skip_prk_steps": True}, indent=2, sort_keys=True) + "\n")
     summary = {
         "command": " ".join(sys.argv), "seed": args.seed, "n_train": args.n_train, "batch": args.batch,
         "vae_batch": args.vae_batch,

@@ -81,7 +81,7 @@ IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
     "use_beta_sigmas": (False,),
     "final_sigmas_type": ("zero", "sigma_min"),
     "thresholding": (False,),
-    "variance_type": ("fixed_small", "fixed_small_log", "fixed_large"),
+    "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),  # None: DDPM's fixed_small, as diffusers
 }
 
 # Options that describe the trained model rather than a solver. When the chosen class does not

@@ -50,7 +50,7 @@ def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, sta
     current_beta_t = F32(1.0) - current_alpha_t
     # eq. 7: posterior variance beta~_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
     variance = np.maximum((beta_prod_t_prev / beta_prod_t) * current_beta_t, F32(1e-20))
-    if config.variance_type == "fixed_small":
+    if config.variance_type in ("fixed_small", None):  # diffusers' _get_variance leaves None at fixed_small
         noise_std = np.sqrt(variance)
     elif config.variance_type == "fixed_small_log":
         noise_std = np.exp(F32(0.5) * np.log(variance))
