@@ -305,11 +305,15 @@ def _given_config(config: Path, arch: str) -> Path:
     return config
 
 
-def _set_prediction_type(folder: Path, prediction_type: str) -> None:
+def _set_scheduler_option(folder: Path, key: str, value) -> None:
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
-    config["prediction_type"] = prediction_type
+    config[key] = value
     path.write_text(json.dumps(config, indent=2))
+
+
+def _set_prediction_type(folder: Path, prediction_type: str) -> None:
+    _set_scheduler_option(folder, "prediction_type", prediction_type)
 
 
 @dataclass
@@ -344,6 +348,9 @@ def convert(source: SingleFile, dst: Path, *, config: Path | None = None, origin
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "*.ckpt", "*.pt", "*.pth"))
     else:
         shipped_config(source.architecture, configs)
+    if prediction_type is None and "v_pred" in source.tensors:  # the marker A1111 and ComfyUI read (SDXL v-pred)
+        prediction_type = "v_prediction"
+        log(f"{source.path.name} holds the v_pred marker: prediction type v_prediction")
     if prediction_type is not None:
         _set_prediction_type(configs, prediction_type)
     index = json.loads((configs / "model_index.json").read_text())
@@ -381,6 +388,9 @@ def convert(source: SingleFile, dst: Path, *, config: Path | None = None, origin
         shutil.rmtree(configs, ignore_errors=True)
     if prediction_type is not None:
         _set_prediction_type(dst, prediction_type)
+    if "ztsnr" in source.tensors:  # trained with zero terminal SNR (ComfyUI's marker): as diffusers' option says
+        _set_scheduler_option(dst, "rescale_betas_zero_snr", True)
+        log(f"{source.path.name} holds the ztsnr marker: rescale_betas_zero_snr")
     return dst
 
 

@@ -198,3 +198,16 @@ def test_prediction_type_override_reaches_the_folder(sd1_file, checkpoints, tmp_
     folder = single_file.convert(single_file.inspect(sd1_file), tmp_path / "c", config=checkpoints["sd1"],
                                  prediction_type="v_prediction", log=lambda m: None)
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_v_pred_and_ztsnr_markers_set_the_scheduler(sd1_file, checkpoints, tmp_path):
+    """The empty marker tensors A1111/ComfyUI read in v-prediction / zero-terminal-SNR checkpoints (SDXL v-pred)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(sd1_file))
+    save_file({**tensors, "v_pred": np.zeros(0, np.float32), "ztsnr": np.zeros(0, np.float32)},
+              str(tmp_path / "vpred.safetensors"))
+    folder = single_file.convert(single_file.inspect(tmp_path / "vpred.safetensors"), tmp_path / "c",
+                                 config=checkpoints["sd1"], log=lambda m: None)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
