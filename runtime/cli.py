@@ -320,9 +320,11 @@ def cmd_generate(args) -> int:
 
 def _generate(args) -> int:
     from sdrt.runtime import image as imageio
+    from sdrt.runtime.core.request import integer
     from sdrt.runtime.errors import InvalidInputError
 
     imageio.check_output_path(args.output, "-o/--output")  # before any work
+    integer("num_images_per_prompt", args.num_images)  # (--num-images) before its files are named
     paths = imageio.numbered_paths(args.output, args.num_images)
     for path in {str(p): p for p in paths}.values():
         imageio.check_output_path(path, "-o/--output")
