@@ -87,6 +87,19 @@ def test_scheduler_options_are_recorded_and_made_again(tmp_path):
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "plain.png"))
 
 
+def test_step_caching_is_recorded_and_made_again(tmp_path):
+    import shutil
+
+    pytest.importorskip("onnx")  # sdrt deepcache splits the UNet with onnx
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    assert main(["deepcache", str(folder)]) == 0
+    assert run(folder, PROMPT, "--steps", "4", "-s", "3", "--cache-interval", "2", "-o", tmp_path / "a.png") == 0
+    assert settings(tmp_path / "a.png")["Cache interval"] == "2"
+    assert run("--from-png", tmp_path / "a.png", folder, "-o", tmp_path / "b.png") == 0
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+
+
 def test_each_image_of_a_batch_has_its_own_seed(tmp_path):
     """-b 3 -s 5: the images of seeds 5, 6, 7, each the image of a run of one with that seed, numbered by %d."""
     assert run(DEMO, PROMPT, "--steps", "2", "-b", "3", "-s", "5", "-o", tmp_path / "batch_%02d.png") == 0

@@ -241,6 +241,8 @@ class Generator:
             options["VAE"] = self.models.vae_choice.name
         if self.vae_tiling is not None:
             options["VAE tiling"] = f"{self.vae_tiling.size}/{self.vae_tiling.overlap}"
+        if getattr(self.models, "cache_interval", 1) != 1:  # step caching (sdrt.runtime.deepcache)
+            options["cache_interval"] = self.models.cache_interval
         if self.models.low_memory:
             options["low_memory"] = True
         if getattr(self.models, "alternate_controlnet", False):
