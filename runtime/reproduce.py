@@ -106,14 +106,15 @@ def generate_settings(prompt: str, negative: str, settings: dict) -> tuple[dict,
     facts = {key: settings[label] for key, label in (
         ("model", "Model"), ("model_hash", "Model hash"), ("version", "Version"), ("loras", "Loras"),
         ("lora_hashes", "Lora hashes"), ("controlnet", "Controlnet"),
-        ("refiner", "Denoising start"), ("vae", "VAE")) if label in settings}
+        ("refiner", "Denoising start"), ("vae", "VAE"), ("provider", "Provider"), ("precision", "Precision"))
+        if label in settings}
     ignored = [label for label in settings if label not in known and label not in _FACTS]
     if ignored:  # another tool's settings (A1111's hires fix, extensions...): the image will differ
         warnings.warn(f"the picture's parameters hold settings sdrt does not take, left out: {', '.join(ignored)}")
     return options, facts
 
 
-_FACTS = {"Model", "Model hash", "Version", "Loras", "Lora hashes", "Controlnet", "VAE"}
+_FACTS = {"Model", "Model hash", "Version", "Loras", "Lora hashes", "Controlnet", "VAE", "Provider", "Precision"}
 
 
 def loras(text: str) -> dict[str, float]:
@@ -162,7 +163,8 @@ def resolve_arguments(args) -> None:
         raise InvalidInputError("give a prompt: sdrt generate FOLDER PROMPT, or -p PROMPT (or --from-png PICTURE)")
     if args.width is not None or args.height is not None:
         width, height = args.size or (None, None)
-        args.size = (args.width or width, args.height or height)
+        args.size = (width if args.width is None else args.width,  # -W 0 is refused, not the default
+                     height if args.height is None else args.height)
     args.random_seed = args.seed is None or args.seed == -1  # as A1111 and stable-diffusion.cpp
     if args.random_seed:
         args.seed = secrets.randbelow(2**32)
@@ -226,6 +228,12 @@ def _check_model(args, facts: dict) -> None:
         if here != facts["model_hash"]:
             warnings.warn(f"{args.from_png} was made with the model {facts.get('model', '?')} (hash "
                           f"{facts['model_hash']}); {folder} has the hash {here}: the image will differ")
+    made = (facts.get("provider", "cpu"), facts.get("precision"))
+    here = (args.provider, getattr(args, "precision", None))
+    if made != here:  # not set from the picture: the machine may not have that provider
+        warnings.warn(f"{args.from_png} was made with --provider {made[0]}"
+                      + (f" --precision {made[1]}" if made[1] else "") + f"; this run uses {here[0]}"
+                      + (f" --precision {here[1]}" if here[1] else "") + ": the last bits may differ")
     version = f"sdrt {sdrt_version()}"
     if "version" in facts and facts["version"] != version:
         warnings.warn(f"{args.from_png} was made with {facts['version']}; this is {version}: the image may differ")

@@ -210,6 +210,11 @@ def test_from_png_finds_the_loras_by_name_and_warns_of_another_model(tmp_path, r
     assert args.scheduler == "euler" and args.size == (32, 32) and not args.random_seed
     said = " ".join(str(w.message) for w in recwarn)
     assert "has the hash 9c875194d8: the image will differ" in said and "made with sdrt 0.0.1" in said
+    assert "--provider" not in said
+    imageio.save_png(Image.new("RGB", (8, 8)), tmp_path / "gpu.png", text + ", Provider: cuda")
+    recwarn.clear()
+    assert resolved("--from-png", tmp_path / "gpu.png", DEMO, "--lora-dir", tmp_path).provider == "cpu"
+    assert "made with --provider cuda; this run uses cpu" in " ".join(str(w.message) for w in recwarn)
     assert resolved("--from-png", tmp_path / "in.png", DEMO, "--lora", "x.safetensors:1").lora == \
         [("x.safetensors", 1.0)]  # --lora given: the picture's LoRAs are not added
 

@@ -241,6 +241,10 @@ class Generator:
             options["VAE"] = self.models.vae_choice.name
         if self.vae_tiling is not None:
             options["VAE tiling"] = f"{self.vae_tiling.size}/{self.vae_tiling.overlap}"
+        provider = self.models.provider  # the same math; other kernels (and OpenVINO's precision) change the bits
+        if not (isinstance(provider, str) and provider.strip().lower() == "cpu"):
+            options["provider"] = provider if isinstance(provider, str) else str(provider)
+        options["precision"] = self.models.engine_options.get("precision")
         if getattr(self.models, "cache_interval", 1) != 1:  # step caching (sdrt.runtime.deepcache)
             options["cache_interval"] = self.models.cache_interval
         if self.models.low_memory:
