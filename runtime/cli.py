@@ -124,7 +124,7 @@ def cmd_export(args) -> int:
             f"sdrt export needs the export extra ({e.name} is not installed): "
             "pip install torch==2.13.0 && pip install 'sdrt[export]'"
         ) from e
-    components = args.components.split(",") if args.components else None
+    components = None if args.components is None else args.components.split(",")
     export_pipeline(args.source, args.output, opset=args.opset, components=components, force=args.force,
                     config=args.config, original_config=args.original_config, prediction_type=args.prediction_type)
     return 0
@@ -326,8 +326,9 @@ def _generate(args) -> int:
     imageio.check_output_path(args.output, "-o/--output")  # before any work
     integer("num_images_per_prompt", args.num_images)  # (--num-images) before its files are named
     paths = imageio.numbered_paths(args.output, args.num_images)
-    for path in {str(p): p for p in paths}.values():
-        imageio.check_output_path(path, "-o/--output")
+    for path in {str(p): p for p in paths}.values():  # one folder and format: the first and the names taken
+        if path == paths[0] or os.path.lexists(path):
+            imageio.check_output_path(path, "-o/--output")
     if args.quality is not None and imageio.output_format(paths[0]) == "PNG":
         raise InvalidInputError(f"--quality applies to .jpg/.jpeg and .webp output; {paths[0]} is a PNG (lossless)")
     written_prompt = args.prompt

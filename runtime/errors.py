@@ -25,3 +25,8 @@ class CancelledError(SdrtError):
 
 class InsufficientMemoryError(SdrtError):
     """A generation would need more memory than the machine has: refused before it starts, with what would fit."""
+
+
+class OutputWriteError(SdrtError, OSError):
+    """An output file could not be written (a full disk, a read-only file system); nothing is left behind. Also
+    an OSError, as the failure it wraps."""

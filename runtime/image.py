@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdrt.runtime.errors import InvalidInputError
+from sdrt.runtime.errors import InvalidInputError, OutputWriteError
 
 # diffusers' VaeImageProcessor(resample="lanczos"), the default every Stable Diffusion pipeline uses.
 RESAMPLE = Image.Resampling.LANCZOS
@@ -92,9 +92,14 @@ def from_pil(
     pictures = [as_rgb(item, index) for index, item in enumerate(images)]
     height = _vae_size("height", height, pictures[0].height, vae_scale_factor)
     width = _vae_size("width", width, pictures[0].width, vae_scale_factor)
-    pixels = np.stack([np.asarray(p.resize((width, height), resample=RESAMPLE), dtype=np.float32) for p in pictures])
-    pixels = 2.0 * (pixels / 255.0) - 1.0  # VaeImageProcessor.pil_to_numpy, then normalize
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    # Filled in place, NCHW from the start: one float copy of the batch (a large picture must not take four).
+    pixels = np.empty((len(pictures), 3, height, width), dtype=np.float32)
+    for index, picture in enumerate(pictures):
+        pixels[index] = np.asarray(picture.resize((width, height), resample=RESAMPLE)).transpose(2, 0, 1)
+    pixels /= 255.0  # VaeImageProcessor.pil_to_numpy, then normalize: 2 * (x / 255) - 1
+    pixels *= 2.0
+    pixels -= 1.0
+    return pixels
 
 
 # The formats sdrt writes, by file extension (no extension: PNG), and where each keeps the parameters: PNG in a
@@ -122,7 +127,15 @@ def check_output_path(path, option: str = "the output path") -> Path:
     files (/dev/null, a FIFO) are written through, never replaced. InvalidInputError naming `option` otherwise."""
     if path is None or str(path).strip() == "":
         raise InvalidInputError(f"{option} is empty; give a file name such as out.png")
-    path = Path(path)
+    if "\0" in str(path):
+        raise InvalidInputError(f"{option} {str(path)!r} holds a NUL character, which no file name can")
+    try:
+        return _check_output_path(Path(path), option)
+    except OSError as e:  # a name too long, a loop of links...: what the system says, before any work
+        raise InvalidInputError(f"{option} {path} cannot be written ({e.strerror or e})") from e
+
+
+def _check_output_path(path: Path, option: str) -> Path:
     if path.is_dir():
         raise InvalidInputError(f"{option} {path} is a directory; give a file name in it, such as {path / 'out.png'}")
     if path.exists() and not path.is_file():
@@ -286,6 +299,15 @@ def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike, paramet
             options["exif"] = exif_parameters(parameters)
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
+    try:
+        _write(image, path, format, options)
+    except OSError as e:  # a full disk, a read-only or special file system (/sys, /proc): nothing is left
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputWriteError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _write(image: Image.Image, path: Path, format: str, options: dict) -> None:
     if path.exists() and not path.is_file():  # a device or a pipe: written through, never renamed over
         with open(path, "wb") as file:
             image.save(file, format=format, **options)
