@@ -159,6 +159,9 @@ def resolve_config(
     return SchedulerConfig(class_name=class_name, ignored_keys=tuple(sorted(ignored)), **fields)
 
 
+BOOL_OPTIONS = tuple(f.name for f in dataclasses.fields(SchedulerConfig) if f.type in (bool, "bool"))
+
+
 def _check_types(values: Mapping[str, Any]) -> None:
     """Refuse values of the wrong kind with a message naming the option."""
     ints = ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps")
@@ -171,6 +174,11 @@ def _check_types(values: Mapping[str, Any]) -> None:
         value = values.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InvalidInputError(f"scheduler option {key} must be a number, got {value!r}")
+    for key in BOOL_OPTIONS:  # "maybe" or 1 would read as true
+        if values.get(key) is not None and not isinstance(values[key], bool):
+            raise InvalidInputError(f"scheduler option {key} must be true or false, got {values[key]!r}")
+    if values.get("steps_offset", 0) < 0:  # a negative timestep would index alphas_cumprod from its end
+        raise InvalidInputError(f"scheduler option steps_offset must be >= 0, got {values['steps_offset']}")
     for key in floats:  # NaN/Inf never make a schedule
         value = values.get(key)
         if value is not None and not math.isfinite(value):
