@@ -110,6 +110,9 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     _check_opset(opset)
+    unknown = [c for c in (components or ()) if c not in COMPONENTS]
+    if unknown:  # before a single file is converted
+        raise ExportError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
     if prediction_type is not None and prediction_type not in single_file.PREDICTION_TYPES:
         raise ExportError(f"prediction_type must be one of {', '.join(single_file.PREDICTION_TYPES)}, "
                           f"got {prediction_type!r}")
