@@ -37,6 +37,8 @@ REFUSED = {"enable_hr": "hires fix", "restore_faces": "face restoration", "tilin
 def scheduler_for(sampler: str | None, schedule: str | None) -> str | None:
     """An A1111 sampler name (and A1111 1.9's separate scheduler: automatic or karras) -> sdrt's scheduler name;
     sdrt's own names are taken too. None: the model's own scheduler."""
+    if schedule and schedule.lower() not in ("automatic", "karras", ""):
+        raise InvalidInputError(f"scheduler {schedule!r}: sdrt serve takes 'automatic' or 'karras'")
     if sampler is None or sampler == "":
         return None
     key = ALIASES.get(sampler.lower(), sampler.lower())
@@ -51,8 +53,6 @@ def scheduler_for(sampler: str | None, schedule: str | None) -> str | None:
     if name not in SCHEDULER_NAMES:
         raise InvalidInputError(f"sampler_name {sampler!r}" + (f" with scheduler {schedule!r}" if karras else "")
                                 + " is not one sdrt has; GET /sdapi/v1/samplers lists them")
-    if schedule and schedule.lower() not in ("automatic", "karras", ""):
-        raise InvalidInputError(f"scheduler {schedule!r}: sdrt serve takes 'automatic' or 'karras'")
     return name
 
 
@@ -70,7 +70,7 @@ def samplers() -> list[dict]:
 async def _json(request: Request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
         raise InvalidInputError("the body must be a JSON object (Content-Type: application/json)") from None
     if not isinstance(body, dict):
         raise InvalidInputError("the body must be a JSON object")
@@ -79,7 +79,7 @@ async def _json(request: Request) -> dict:
             raise InvalidInputError(f"{name}: sdrt serve does not do {what}; leave it false")
     if body.get("script_name"):
         raise InvalidInputError(f"script_name {body['script_name']!r}: sdrt serve runs no scripts")
-    if (body.get("subseed_strength") or 0) > 0:
+    if fields.get(body, "subseed_strength", float, 0.0) > 0:
         raise InvalidInputError("subseed_strength: sdrt serve has no variation seeds; leave it 0")
     return body
 

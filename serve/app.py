@@ -45,6 +45,8 @@ class Server:
     def model(self, name: str | None):
         if not name:
             return self.models[self.default_model or next(iter(self.models))]
+        if not isinstance(name, str):
+            raise InvalidInputError(f"a model name must be a string, got {name!r}; GET /v1/models lists them")
         if name in self.models:
             return self.models[name]
         for served in self.models.values():  # A1111 titles may carry a hash: "name [abc123]"

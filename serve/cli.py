@@ -63,8 +63,10 @@ def options(args) -> dict:
                  "replicas"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_body_mb <= 0:
-        raise InvalidInputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if args.port > 65535:
+        raise InvalidInputError(f"--port must be <= 65535 (a TCP port), got {args.port}")
+    if not 0 < args.max_body_mb < float("inf"):  # NaN too
+        raise InvalidInputError(f"--max-body-mb must be a finite number > 0, got {args.max_body_mb}")
     from sdrt.serve.app import api_key_from
 
     return dict(

@@ -84,7 +84,7 @@ def router(server) -> APIRouter:
     async def generations(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
             raise InvalidInputError("the body must be a JSON object (Content-Type: application/json)") from None
         if not isinstance(body, dict):
             raise InvalidInputError("the body must be a JSON object")
