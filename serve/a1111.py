@@ -81,6 +81,7 @@ async def _json(request: Request) -> dict:
         raise InvalidInputError(f"script_name {body['script_name']!r}: sdrt serve runs no scripts")
     if fields.get(body, "subseed_strength", float, 0.0) > 0:
         raise InvalidInputError("subseed_strength: sdrt serve has no variation seeds; leave it 0")
+    fields.get(body, "send_images", bool)  # read after the work: checked before it
     return body
 
 
@@ -154,7 +155,7 @@ def _answer(body: dict, model, settings: dict, outputs: list, denoising_strength
         "interrupted": any(o.timings.get("interrupted") for o in outputs), "version": "sdrt",
     }
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-    send = body.get("send_images", True) is not False
+    send = fields.get(body, "send_images", bool, True)
     return {"images": [images.b64_png(o.images[0], o.parameters[0]) for o in outputs] if send else [],
             "parameters": parameters, "info": json.dumps(info)}
 

@@ -173,6 +173,7 @@ JSON = {"content-type": "application/json"}
     ("/sdapi/v1/txt2img", dict(json={"prompt": "x", "subseed_strength": "x"}), "subseed_strength must be a number"),
     ("/sdapi/v1/txt2img", dict(json={"prompt": "x", "subseed_strength": [1]}), "subseed_strength must be a number"),
     ("/v1/images/generations", dict(json={"prompt": "x", "model": 5}), "model must be a string"),
+    ("/sdapi/v1/txt2img", dict(json={"prompt": "x", "send_images": "no"}), "send_images must be true or false"),
 ])
 def test_serve_answers_malformed_requests_with_400_json(client, path, request_kwargs, message):
     response = client.post(path, **request_kwargs)
