@@ -33,12 +33,13 @@ def main() -> int:
     from sdrt.export.api import export_pipeline
     from sdrt.export.fixtures import sd15_pipeline
     from sdrt.export.fixtures_single_file import save_single_file
+    from sdrt.runtime.bench import _cpu_model
     from sdrt.runtime.pipeline import StableDiffusionPipeline
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    figures = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpu": _cpu()}
+    figures = {"date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpu": _cpu_model()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     t = time.perf_counter()
@@ -97,16 +98,6 @@ def main() -> int:
     ]))
     shutil.rmtree(work, ignore_errors=True)
     return 0 if figures["weights_read_back_equal"] and figures["images_max_abs_difference"] == 0 else 1
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
