@@ -86,12 +86,7 @@ def from_pil(
     in the VAE, or encodes palette indices as if they were grey levels. EXIF orientation is not
     applied: pass PIL.ImageOps.exif_transpose(image) for camera pictures.
     """
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not images:
-        raise InvalidInputError("from_pil got an empty list of images")
-    pictures = [as_rgb(item, index) for index, item in enumerate(images)]
-    height = _vae_size("height", height, pictures[0].height, vae_scale_factor)
-    width = _vae_size("width", width, pictures[0].width, vae_scale_factor)
+    pictures, height, width = _pictures_and_size(image, height, width, vae_scale_factor)
     # Filled in place, NCHW from the start: one float copy of the batch (a large picture must not take four).
     pixels = np.empty((len(pictures), 3, height, width), dtype=np.float32)
     for index, picture in enumerate(pictures):
@@ -100,6 +95,24 @@ def from_pil(
     pixels *= 2.0
     pixels -= 1.0
     return pixels
+
+
+def picture_size(image, height: int | None = None, width: int | None = None,
+                 vae_scale_factor: int = 8) -> tuple[int, int, int]:
+    """(count, height, width) of the pixels from_pil would make, with its checks, converting no pixel: what a
+    memory check needs before a large picture takes its float copy."""
+    pictures, height, width = _pictures_and_size(image, height, width, vae_scale_factor)
+    return len(pictures), height, width
+
+
+def _pictures_and_size(image, height, width, vae_scale_factor: int) -> tuple[list, int, int]:
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise InvalidInputError("from_pil got an empty list of images")
+    pictures = [as_rgb(item, index) for index, item in enumerate(images)]
+    height = _vae_size("height", height, pictures[0].height, vae_scale_factor)
+    width = _vae_size("width", width, pictures[0].width, vae_scale_factor)
+    return pictures, height, width
 
 
 # The formats sdrt writes, by file extension (no extension: PNG), and where each keeps the parameters: PNG in a

@@ -190,3 +190,14 @@ def test_serve_refuses_impossible_settings_before_starting(capsys, flags, messag
     code = main(["serve", DEMO, *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and one_line(err), err
+
+
+def test_a_huge_picture_is_refused_for_memory_before_its_pixels_are_made(exported, monkeypatch):
+    from sdrt.runtime.errors import InsufficientMemoryError
+    from sdrt.runtime.families import image_to_image_pipeline
+
+    pipe = image_to_image_pipeline(exported["sd1"])
+    monkeypatch.setattr(imageio, "from_pil", lambda *a, **k: pytest.fail("pixels made before the memory check"))
+    monkeypatch.setenv("SDRT_AVAILABLE_MEMORY", str(2**30))
+    with pytest.warns(RuntimeWarning, match="far past the size"), pytest.raises(InsufficientMemoryError):
+        pipe("x", Image.new("RGB", (4096, 4096)), num_inference_steps=2, strength=1.0)

@@ -86,12 +86,15 @@ class ImageToImage(Task):
         check_strength(request.strength)  # None too: the task needs one
         latents = given_latents(request.image, folder.vae.latent_channels)
         self.is_latents = latents is not None
-        self.images = latents if self.is_latents else imageio.from_pil(request.image,
-                                                                       vae_scale_factor=folder.vae.scale_factor)
-        factor = folder.vae.scale_factor if self.is_latents else 1
-        run.height, run.width = self.images.shape[2] * factor, self.images.shape[3] * factor
+        factor = folder.vae.scale_factor
+        if self.is_latents:
+            self.images = latents
+            count, run.height, run.width = len(latents), latents.shape[2] * factor, latents.shape[3] * factor
+        else:  # the pixels are made in start, after the memory check: a large picture takes GiB and seconds
+            self.images = None
+            count, run.height, run.width = imageio.picture_size(request.image, vae_scale_factor=factor)
         check_size(folder, run.height, run.width, subject="image ")
-        check_image_count(len(self.images), len(request.prompt), request.num_images_per_prompt)
+        check_image_count(count, len(request.prompt), request.num_images_per_prompt)
         run.parameters.update(width=run.width, height=run.height)
 
     def plan(self, run, plan):
@@ -101,6 +104,8 @@ class ImageToImage(Task):
     def start(self, run, latents):
         """The images' latents (first draw; none for latents given), tiled over the batch, noised to the plan's
         first timestep (second draw; none when resuming), as diffusers' prepare_latents."""
+        if self.images is None:
+            self.images = imageio.from_pil(run.request.image, vae_scale_factor=run.folder.vae.scale_factor)
         latents = self.images if self.is_latents else image_latents(run, self.images)
         latents = tile(latents, run.batch)
         if run.resume:
