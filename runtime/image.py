@@ -126,7 +126,7 @@ _UNICODE = b"UNICODE\0"  # EXIF's character code for UTF-16 (big-endian, as piex
 def output_format(path, option: str = "the output path") -> str:
     """The format a path's extension names (PNG without one); InvalidInputError for any other extension."""
     suffix = Path(path).suffix.lower()
-    if suffix == "" or Path(path).exists() and not Path(path).is_file():  # no extension, a device or a pipe
+    if suffix == "" or os.path.exists(path) and not os.path.isfile(path):  # no extension, a device or a pipe
         return "PNG"
     if suffix not in OUTPUT_FORMATS:
         raise InvalidInputError(f"{option} {path}: sdrt writes .png, .jpg/.jpeg and .webp (the format follows the "
@@ -301,6 +301,8 @@ def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike, paramet
         raise InvalidInputError(f"save_image takes a PIL image or an HWC uint8 array, got {type(image).__name__}")
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
         raise InvalidInputError(f"quality must be an integer in [1, 100], got {quality!r}")
+    if "\0" in str(path):
+        raise InvalidInputError(f"save_image: {str(path)!r} holds a NUL character, which no file name can")
     path = Path(path)
     format = format or output_format(path)
     options: dict = {}

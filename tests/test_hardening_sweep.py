@@ -64,6 +64,16 @@ def test_a_write_that_fails_is_a_typed_error_and_leaves_nothing(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name,error,message", [
+    ("a\0b.png", InvalidInputError, "NUL character"),
+    ("a" * 300 + ".png", OutputWriteError, "File name too long"),
+])
+def test_save_image_refuses_impossible_names_typed(tmp_path, name, error, message):
+    with pytest.raises(error, match=message):
+        imageio.save_image(Image.new("RGB", (8, 8)), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_cli_reports_a_failed_write_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
     code = main(["generate", DEMO, "a red circle", "--steps", "1", "-q", "-o", str(tmp_path / "out.png")])
