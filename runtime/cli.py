@@ -76,14 +76,15 @@ OPTIONS = {"clip_skip": "--clip-skip", "num_inference_steps": "--steps", "guidan
            "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac",
            "loras": "--lora", "controlnet_conditioning_scale": "--control-scale",
            "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
-           "control_image": "--control-image", "guess_mode": "--guess-mode"}
+           "control_image": "--control-image", "guess_mode": "--guess-mode", "guidance_rescale": "--guidance-rescale",
+           "eta": "--eta", "seed": "--seed", "strength": "--strength", "height": "--size", "width": "--size"}
 
 
 def _in_cli_terms(message: str) -> str:
     """An API error message prefixed with the option that sets the argument it names first (guidance_scale:
     --guidance)."""
     for name, option in OPTIONS.items():
-        if message.startswith(name + " ") or message.startswith(name + "="):
+        if message.startswith((name + " ", name + "=", name + "[")):  # guidance_interval[0] ...
             return f"{option}: {message}"
     return message
 
@@ -211,7 +212,7 @@ def _second_prompts(args, pipe) -> dict:
         from sdrt.runtime.errors import InvalidInputError
 
         raise InvalidInputError(
-            f"--prompt-2 / --negative-2 need a model with a second text encoder (SDXL); {args.folder} has one, "
+            f"--prompt-2 / --negative-2 need a model with a second text encoder (SDXL); {args.folder} has only one, "
             "so leave them out"
         )
     return {"prompt_2": args.prompt_2, "negative_prompt_2": args.negative_2}

@@ -106,6 +106,19 @@ def test_a_zero_width_or_height_is_refused_not_replaced_by_the_default(tmp_path,
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--eta", "nan"], "--eta: eta must be a finite number"),
+    (["--guidance-rescale", "2"], "--guidance-rescale: guidance_rescale must be in [0, 1]"),
+    (["--guidance-interval", "nan,1"], "--guidance-interval: guidance_interval[0] must be a finite number"),
+    (["--seed", str(2**64)], "--seed: seed must be in"),
+    (["--size", "0x32"], "--size: width must be an integer >= 1"),
+])
+def test_api_messages_name_the_option_that_sets_them(tmp_path, capsys, flags, message):
+    code = main(["generate", DEMO, "x", "--steps", "1", "-q", "-o", str(tmp_path / "o.png"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and one_line(err), err
+
+
 @pytest.mark.parametrize("option,message", [
     (dict(rescale_betas_zero_snr="maybe"), "rescale_betas_zero_snr must be true or false"),
     (dict(clip_sample=1), "clip_sample must be true or false"),
