@@ -142,6 +142,9 @@ def check_output_path(path, option: str = "the output path") -> Path:
         raise InvalidInputError(f"{option} is empty; give a file name such as out.png")
     if "\0" in str(path):
         raise InvalidInputError(f"{option} {str(path)!r} holds a NUL character, which no file name can")
+    if str(path).endswith(("/", os.sep)) and not Path(path).exists():  # Path would drop the slash
+        raise InvalidInputError(f"{option} {path} ends with a slash, which names a folder; give a file name "
+                                f"such as {Path(path) / 'out.png'}")
     try:
         return _check_output_path(Path(path), option)
     except OSError as e:  # a name too long, a loop of links...: what the system says, before any work
