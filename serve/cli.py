@@ -120,6 +120,22 @@ def require_extra() -> None:
             raise SdrtError(f"sdrt serve needs the serve extra ({module} is not installed): {EXTRA}")
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on (an unknown host, a port in use or privileged)."""
+    import socket
+
+    from sdrt.runtime.errors import InvalidInputError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as e:
+        raise InvalidInputError(f"cannot listen on {host}:{port} ({e.strerror or e}); give another --host or "
+                                "--port") from e
+
+
 def serve(args) -> int:
     require_extra()
     settings = options(args)
@@ -135,6 +151,7 @@ def serve(args) -> int:
 
     from sdrt.serve.app import create_app
 
+    check_address(args.host, args.port)  # before the models open; uvicorn would log it and exit 3
     server = build_server(**settings)
     try:
         print(f"sdrt serve: {', '.join(server.models)} on http://{args.host}:{args.port} (OpenAI: /v1, A1111: "
