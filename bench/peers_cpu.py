@@ -30,6 +30,9 @@ CONFIGS = {  # name -> pipeline options
     "ov-fp32": {"provider": "openvino", "precision": "fp32"},
     "ov-fp32-static": {"provider": "openvino", "precision": "fp32", "fixed_shapes": True},
     "ov-bf16": {"provider": "openvino", "precision": "bf16"},
+    # step caching (needs `sdrt deepcache FOLDER` first)
+    "ort-fp32-cache3": {"provider": "cpu", "cache_interval": 3},
+    "ov-fp32-cache3": {"provider": "openvino", "precision": "fp32", "cache_interval": 3},
 }
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -87,7 +90,9 @@ def psnr(a, b) -> float:
 
 
 LABELS = {"ort-fp32": "sdrt, onnxruntime fp32", "ov-fp32": "sdrt, OpenVINO fp32",
-          "ov-fp32-static": "sdrt, OpenVINO fp32, static shapes", "ov-bf16": "sdrt, OpenVINO bf16"}
+          "ov-fp32-static": "sdrt, OpenVINO fp32, static shapes", "ov-bf16": "sdrt, OpenVINO bf16",
+          "ort-fp32-cache3": "sdrt, onnxruntime fp32, --cache-interval 3",
+          "ov-fp32-cache3": "sdrt, OpenVINO fp32, --cache-interval 3"}
 
 
 def markdown(result: dict) -> str:

@@ -45,10 +45,27 @@ def build_key(engine, profile: tuple = ()) -> BuildKey:
     except Exception:
         name = device
     return BuildKey(network=engine.spec.name if engine.spec is not None else engine.path.parent.name,
-                    onnx_sha256=onnx_sha256(engine.path, engine.options.cache_dir or None),
+                    onnx_sha256=weights_sha256(engine.path, engine.options.cache_dir or None),
                     gpu_name=f"{device}: {name}", compute_capability=",".join(sorted(capabilities(device))),
                     tensorrt_version=f"openvino {import_openvino().__version__}", profile=profile,
                     precision=engine.precision, backend="openvino")
+
+
+def weights_sha256(path: Path, cache_dir=None) -> str:
+    """onnx_sha256 of the file (with its own model.onnx_data), and of any other external data file it reads: the
+    step-caching graphs (sdrt.export.deepcache) read the UNet's model.onnx_data, whose weights must key them too."""
+    import hashlib
+
+    from sdrt.engines.files import external_data_locations, memo_sha256
+
+    path = Path(path)
+    own = {path.name + "_data", path.with_suffix(".onnx_data").name}
+    others = sorted(loc for loc in external_data_locations(path) if loc not in own)
+    digest = onnx_sha256(path, cache_dir)
+    if not others:
+        return digest
+    shas = [memo_sha256(path.parent / loc, cache_dir=cache_dir) for loc in others]
+    return hashlib.sha256((digest + "".join(shas)).encode()).hexdigest()
 
 
 def validation_dims(path: Path, spec) -> list[dict]:
