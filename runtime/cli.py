@@ -236,6 +236,9 @@ def _loras(args) -> tuple[str, dict]:
     from sdrt.runtime.lora import extract_tags, find_in_dir
 
     prompt, tags = extract_tags(args.prompt)
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise InvalidInputError(f"--lora-dir {args.lora_dir} is not a folder; give the folder that holds "
+                                "NAME.safetensors")
     if tags and args.lora_dir is None:
         raise InvalidInputError(f"the prompt names LoRAs ({', '.join(f'<lora:{n}>' for n, _ in tags)}); give "
                                 "--lora-dir DIR, the folder that holds NAME.safetensors")
