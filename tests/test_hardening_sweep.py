@@ -44,13 +44,14 @@ def no_pipeline(monkeypatch):
 @pytest.mark.parametrize("name,message", [
     ("a\0b.png", "NUL character"),
     ("a" * 300 + ".png", "File name too long"),
+    ("out.png/", "ends with a slash"),
 ])
 def test_impossible_file_names_are_refused_before_generating(tmp_path, capsys, no_pipeline, name, message):
-    code = main(["generate", DEMO, "x", "-q", "-o", str(tmp_path / name)])
+    code = main(["generate", DEMO, "x", "-q", "-o", f"{tmp_path}/{name}"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and one_line(err), err
     with pytest.raises(InvalidInputError, match=message):
-        imageio.check_output_path(tmp_path / name)
+        imageio.check_output_path(f"{tmp_path}/{name}")
 
 
 def test_a_write_that_fails_is_a_typed_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -128,6 +129,12 @@ def test_api_messages_name_the_option_that_sets_them(tmp_path, capsys, flags, me
 def test_scheduler_options_of_the_wrong_kind_are_refused(option, message):
     with pytest.raises(InvalidInputError, match=message):
         load_scheduler({"_class_name": "DDIMScheduler", **option})
+
+
+def test_a_missing_lora_dir_is_refused_even_without_tags(tmp_path, capsys, no_pipeline):
+    code = main(["generate", DEMO, "x", "-q", "-o", str(tmp_path / "o.png"), "--lora-dir", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora-dir" in err and "is not a folder" in err and one_line(err), err
 
 
 def test_a_bad_scheduler_option_on_the_command_line_is_one_line(tmp_path, capsys, no_pipeline):
@@ -215,12 +222,32 @@ def test_serve_refuses_impossible_settings_before_starting(capsys, flags, messag
     assert code == 2 and message in err and one_line(err), err
 
 
-def test_a_huge_picture_is_refused_for_memory_before_its_pixels_are_made(exported, monkeypatch):
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_a_huge_picture_is_refused_for_memory_before_its_pixels_are_made(exported, monkeypatch, task):
     from sdrt.runtime.errors import InsufficientMemoryError
-    from sdrt.runtime.families import image_to_image_pipeline
+    from sdrt.runtime.families import image_to_image_pipeline, inpaint_pipeline
 
-    pipe = image_to_image_pipeline(exported["sd1"])
+    picture = Image.new("RGB", (4096, 4096))
+    if task == "img2img":
+        pipe, inputs = image_to_image_pipeline(exported["sd1"]), (picture,)
+    else:
+        pipe, inputs = inpaint_pipeline(exported["sd1"]), (picture, Image.new("L", picture.size, 255))
     monkeypatch.setattr(imageio, "from_pil", lambda *a, **k: pytest.fail("pixels made before the memory check"))
     monkeypatch.setenv("SDRT_AVAILABLE_MEMORY", str(2**30))
     with pytest.warns(RuntimeWarning, match="far past the size"), pytest.raises(InsufficientMemoryError):
-        pipe("x", Image.new("RGB", (4096, 4096)), num_inference_steps=2, strength=1.0)
+        pipe("x", *inputs, num_inference_steps=2, strength=1.0)
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(capsys):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", DEMO, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and one_line(err), err
+    assert main(["serve", DEMO, "--host", "999.1.1.1", "--api-key", "k"]) == 2
+    assert "cannot listen on 999.1.1.1" in capsys.readouterr().err

@@ -100,9 +100,10 @@ def crop_box(pad: int, pictures: list, masks_: list, height: int, width: int, ou
     return masks.crop_region(masks_[0], width, height, int(pad))
 
 
-def picture_inputs(run) -> InpaintInputs:
-    """The pictures and masks at the processing size: the request's, or the picture's rounded down to a multiple
-    of the VAE's factor (diffusers' default is the model's size: pass both to compare)."""
+def picture_geometry(run) -> tuple:
+    """(pictures, masks, height, width, crop, original), checked, no pixel converted: the processing size is the
+    request's, or the picture's rounded down to a multiple of the VAE's factor (diffusers' default is the model's
+    size: pass both to compare)."""
     request, vae = run.request, run.folder.vae
     pictures, masks_ = pictures_and_masks(request.image, request.mask_image)
     height = pictures[0].height - pictures[0].height % vae.scale_factor if request.height is None else request.height
@@ -113,7 +114,13 @@ def picture_inputs(run) -> InpaintInputs:
         crop = crop_box(request.padding_mask_crop, pictures, masks_, height, width, request.output_type)
         original = pictures[0]
         pictures = [masks.resize_and_fill(original.crop(crop), width, height)]
-    pixels = imageio.from_pil(pictures, height=height, width=width, vae_scale_factor=vae.scale_factor)
+    return pictures, masks_, height, width, crop, original
+
+
+def picture_inputs(run, geometry: tuple | None = None) -> InpaintInputs:
+    """The pictures and masks at the processing size (picture_geometry's, made now unless given)."""
+    pictures, masks_, height, width, crop, original = geometry or picture_geometry(run)
+    pixels = imageio.from_pil(pictures, height=height, width=width, vae_scale_factor=run.folder.vae.scale_factor)
     mask = masks.preprocess(masks_, height, width, crop)
     masked_pixels = pixels * (mask < 0.5)  # the repainted part becomes 0 (grey), as diffusers
     return InpaintInputs(pixels, mask, masked_pixels, height, width, crop, original, masks_[0])
@@ -161,9 +168,13 @@ class Inpaint(Task):
     def prepare(self, run) -> None:
         check_strength(run.request.strength)  # None too: the task needs one
         latents = given_latents(run.request.image, run.folder.vae.latent_channels)
-        self.inputs = picture_inputs(run) if latents is None else latent_inputs(run, latents)
-        check_image_count(self.inputs.num_images, len(run.request.prompt), run.request.num_images_per_prompt)
-        run.height, run.width = self.inputs.height, self.inputs.width
+        if latents is None:  # the pixels are made in start, after the memory check: a large picture takes GiB
+            self.inputs, self.geometry = None, picture_geometry(run)
+            count, run.height, run.width = len(self.geometry[0]), self.geometry[2], self.geometry[3]
+        else:
+            self.inputs = latent_inputs(run, latents)
+            count, run.height, run.width = self.inputs.num_images, self.inputs.height, self.inputs.width
+        check_image_count(count, len(run.request.prompt), run.request.num_images_per_prompt)
         run.parameters.update(width=run.width, height=run.height)
         self.extra_channels = self.blend = None
 
@@ -173,6 +184,8 @@ class Inpaint(Task):
 
     def start(self, run, latents):
         """The initial latents, and the mask's inputs to the loop, with diffusers' random draws in its order."""
+        if self.inputs is None:
+            self.inputs = picture_inputs(run, self.geometry)
         inputs, plan, generator, batch = self.inputs, run.plan, run.generator, run.batch
         full_noise = run.request.strength == 1.0 and not run.resume  # diffusers' is_strength_max
         inpainting_unet = is_inpainting_unet(run.folder)
