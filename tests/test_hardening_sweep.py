@@ -223,15 +223,15 @@ def test_serve_refuses_impossible_settings_before_starting(capsys, flags, messag
 
 
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
-def test_a_huge_picture_is_refused_for_memory_before_its_pixels_are_made(exported, monkeypatch, task):
+def test_a_huge_picture_is_refused_for_memory_before_its_pixels_are_made(monkeypatch, task):
     from sdrt.runtime.errors import InsufficientMemoryError
     from sdrt.runtime.families import image_to_image_pipeline, inpaint_pipeline
 
     picture = Image.new("RGB", (4096, 4096))
     if task == "img2img":
-        pipe, inputs = image_to_image_pipeline(exported["sd1"]), (picture,)
+        pipe, inputs = image_to_image_pipeline(DEMO), (picture,)
     else:
-        pipe, inputs = inpaint_pipeline(exported["sd1"]), (picture, Image.new("L", picture.size, 255))
+        pipe, inputs = inpaint_pipeline(DEMO), (picture, Image.new("L", picture.size, 255))
     monkeypatch.setattr(imageio, "from_pil", lambda *a, **k: pytest.fail("pixels made before the memory check"))
     monkeypatch.setenv("SDRT_AVAILABLE_MEMORY", str(2**30))
     with pytest.warns(RuntimeWarning, match="far past the size"), pytest.raises(InsufficientMemoryError):
