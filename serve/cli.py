@@ -23,13 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its folder name (the OpenAI 'model', A1111's sd_model_checkpoint); the first is the default")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; use 0.0.0.0 only with "
                    "--api-key behind TLS)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default, 7860)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SDRT_API_KEY; "
                    "none when unset)")
     p.add_argument("--provider", default="cpu", help="cpu, cuda[:N], tensorrt-ep, tensorrt, or an onnxruntime "
                    "provider name")
     p.add_argument("--scheduler", default=None, help="every model's default scheduler (requests may pick another)")
-    p.add_argument("--verify", choices=("size", "sha256", "none"), default="size")
+    p.add_argument("--verify", choices=("size", "sha256", "none"), default="size",
+                   help="check the folders' files at start against sdrt.json: sizes, or full sha256 (cached per "
+                        "file change), or not at all")
     p.add_argument("--emphasis", choices=("original", "none"), default="original",
                    help="prompt syntax, as sdrt generate --emphasis")
     p.add_argument("--preload", action="store_true", help="load every network at start (default: at first use)")
@@ -48,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"default {d.max_body_bytes / 2**20:g}")
     g = p.add_argument_group("Ray Serve (needs sdrt[ray])")
     g.add_argument("--ray", action="store_true", help="deploy on Ray Serve, each replica batching on its own")
-    g.add_argument("--replicas", type=int, default=1)
+    g.add_argument("--replicas", type=int, default=1, help="replicas of the app, each with every model loaded")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--autoscaling", default=None, metavar="JSON", help="Ray Serve's autoscaling_config, as JSON "
                    "(replaces --replicas)")
