@@ -388,7 +388,7 @@ def _generate(args) -> int:
             raise InvalidInputError("--size does not apply with --image: the output has the image's size")
         from sdrt.runtime.families import image_to_image_pipeline, inpaint_pipeline
 
-        picture = _read_picture(args.image, "--image")
+        picture = _as_rgb(_read_picture(args.image, "--image"))
         mask = None if args.mask is None else _read_picture(args.mask, "--mask")
         options = dict(provider=args.provider, scheduler=args.scheduler, allow_fallback=args.allow_fallback,
                        vae=args.vae, verify=args.verify, **_memory_options(args), **_engine_flags(args),
@@ -527,6 +527,29 @@ def _read_picture(path: str, option: str):
                                 f"{e}") from e
     except (OSError, ValueError, SyntaxError) as e:  # unreadable, truncated, or a malformed header
         raise InvalidInputError(f"cannot read {option} {path}: {e}") from e
+
+
+def _as_rgb(picture):
+    """An --image file in another mode, made RGB as A1111 does with what users upload: transparency flattened onto
+    white, grayscale / palette / CMYK converted, 16- and 32-bit grayscale scaled to 8 bits (Pillow would clip it).
+    The Python API takes RGB only, and says so."""
+    if picture.mode == "RGB":
+        return picture
+    from PIL import Image
+
+    if picture.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        import numpy as np
+
+        values = np.asarray(picture, dtype=np.float64)
+        top = 65535.0 if picture.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        picture = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if picture.mode == "P":
+        picture = picture.convert("RGBA")
+    if picture.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = picture.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return picture.convert("RGB")
 
 
 def cmd_demo(args) -> int:

@@ -251,3 +251,29 @@ def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(capsys):
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and one_line(err), err
     assert main(["serve", DEMO, "--host", "999.1.1.1", "--api-key", "k"]) == 2
     assert "cannot listen on 999.1.1.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P", "CMYK"])
+def test_an_image_in_another_mode_is_made_rgb_as_a1111_does(tmp_path, capsys, mode):
+    """--image in grayscale, with transparency, 16-bit, palette or CMYK runs (the API takes RGB only): the result
+    equals the run on the RGB picture A1111 would make of it (alpha flattened onto white, 16 bits scaled)."""
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        values = (rng.random((32, 32)) * 65535).astype(np.uint16)
+        picture, rgb = Image.fromarray(values), Image.fromarray(np.round(values / 257.0).astype(np.uint8)).convert("RGB")
+    elif mode == "RGBA":
+        picture = Image.fromarray((rng.random((32, 32, 4)) * 255).astype(np.uint8), "RGBA")
+        rgb = Image.alpha_composite(Image.new("RGBA", (32, 32), "white"), picture).convert("RGB")
+    else:
+        picture = Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).convert(mode)
+        rgb = picture.convert("RGBA").convert("RGB") if mode == "P" else picture.convert("RGB")
+    source = tmp_path / ("in.tif" if mode == "CMYK" else "in.png")
+    picture.save(source)
+    rgb.save(tmp_path / "rgb.png")
+    outs = []
+    for name in (source.name, "rgb.png"):
+        out = tmp_path / f"out-{name}.png"
+        assert main(["generate", DEMO, "a red circle", "--image", str(tmp_path / name), "-o", str(out),
+                     "--steps", "3", "--seed", "4", "--quiet"]) == 0, capsys.readouterr().err
+        outs.append(np.asarray(Image.open(out)))
+    np.testing.assert_array_equal(outs[0], outs[1])
