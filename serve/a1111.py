@@ -102,10 +102,8 @@ def _settings(body: dict, server) -> dict:
         raise InvalidInputError(f"batch_size x n_iter = {batch} images is over this server's limit of "
                                 f"{server.limits.max_images} (sdrt serve --max-images)")
     seed = fields.get(body, "seed", int, -1)
-    if seed == -1:
+    if seed == -1:  # A1111's random seed; other negative seeds are torch's, as `sdrt generate --seed` takes them
         seed = secrets.randbelow(2**32)
-    if seed < 0:
-        raise InvalidInputError(f"seed must be -1 (random) or >= 0, got {seed}")
     return dict(
         shared=dict(
             prompt=fields.get(body, "prompt", str, ""),

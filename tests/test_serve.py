@@ -290,6 +290,18 @@ def test_bad_requests_get_json_errors(running, body, status, words):
     assert "Traceback" not in response.text
 
 
+def test_a1111_negative_seeds_are_torchs_as_on_the_command_line(running):
+    """-1 is A1111's random seed; other negative seeds run as `sdrt generate --seed` runs them (torch's)."""
+    body = {"prompt": "a red circle", "seed": -2, "steps": 3, "cfg_scale": 7.5, "width": 32, "height": 32,
+            "sampler_name": "Euler a"}
+    response = httpx.post(running.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    want = alone("a red circle", -2, 3, scheduler="euler-a").images[0]
+    np.testing.assert_array_equal(pixels(decode(response.json()["images"][0])), pixels(want))
+    response = httpx.post(running.url + "/sdapi/v1/txt2img", json={"prompt": "x", "seed": -(2**70), "steps": 2})
+    assert response.status_code == 400 and "seed must be in" in response.json()["detail"]
+
+
 def test_a1111_errors_and_body_limit(running):
     response = httpx.post(running.url + "/sdapi/v1/txt2img", content=b"{not json")
     assert response.status_code == 400 and "JSON" in response.json()["detail"]
