@@ -68,12 +68,7 @@ def samplers() -> list[dict]:
 
 
 async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
-        raise InvalidInputError("the body must be a JSON object (Content-Type: application/json)") from None
-    if not isinstance(body, dict):
-        raise InvalidInputError("the body must be a JSON object")
+    body = await fields.json_object(request)
     for name, what in REFUSED.items():
         if body.get(name):
             raise InvalidInputError(f"{name}: sdrt serve does not do {what}; leave it false")

@@ -9,6 +9,18 @@ from sdrt.runtime.errors import InvalidInputError
 MISSING = object()
 
 
+async def json_object(request) -> dict:
+    """A request's body as a JSON object, else InvalidInputError (not JSON, nested past Python's recursion limit,
+    or not an object)."""
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        raise InvalidInputError("the body must be a JSON object (Content-Type: application/json)") from None
+    if not isinstance(body, dict):
+        raise InvalidInputError("the body must be a JSON object")
+    return body
+
+
 def get(body: dict, name: str, kind: type, default=None, *, minimum=None, maximum=None, form: bool = False):
     """body[name] as `kind` (int, float, str, bool), or `default` when absent or null. Form fields (strings) are
     converted; JSON fields must already have the type (an int is taken as a float)."""

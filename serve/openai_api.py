@@ -82,12 +82,7 @@ def router(server) -> APIRouter:
 
     @api.post("/v1/images/generations")
     async def generations(request: Request):
-        try:
-            body = await request.json()
-        except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
-            raise InvalidInputError("the body must be a JSON object (Content-Type: application/json)") from None
-        if not isinstance(body, dict):
-            raise InvalidInputError("the body must be a JSON object")
+        body = await fields.json_object(request)
         model, given, response_format = _common(body, server)
         output = await server.generate(request, model, "txt2img", "openai", **given)
         server.metrics.answered("openai", 200)
