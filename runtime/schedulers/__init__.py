@@ -4,14 +4,23 @@
     sched = load_scheduler(scheduler_config_dict, name=None)
 
 See scheduler.py for the sampling loop, registry.py for the names, plan.py for adding a solver.
+SCHEDULER_NAMES sample noise-prediction models (the UNet families); FLOW_SCHEDULER_NAMES ("flow-euler",
+diffusers' FlowMatchEulerDiscreteScheduler, flow.py) sample flow-matching models (SD3, Flux), whose
+plans take diffusers' `sigmas=` and `mu=` (`flow.flux_mu`): `sched.plan(n, sigmas=..., mu=...)`.
 """
 
 from sdrt.runtime.schedulers.config import SchedulerConfig
 from sdrt.runtime.schedulers.plan import Plan, Solver
-from sdrt.runtime.schedulers.registry import SCHEDULER_NAMES, SUPPORTED_CLASS_NAMES, load_scheduler
+from sdrt.runtime.schedulers.registry import (
+    FLOW_SCHEDULER_NAMES,
+    SCHEDULER_NAMES,
+    SUPPORTED_CLASS_NAMES,
+    load_scheduler,
+)
 from sdrt.runtime.schedulers.scheduler import Scheduler
 
 __all__ = [
+    "FLOW_SCHEDULER_NAMES",
     "SCHEDULER_NAMES",
     "SUPPORTED_CLASS_NAMES",
     "Plan",

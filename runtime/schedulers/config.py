@@ -64,6 +64,17 @@ class SchedulerConfig:
     solver_p: None = None
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
+    # Flow matching (FlowMatchEulerDiscreteScheduler): how the sigmas 1 -> 0 are shifted toward 1.
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False  # shift by mu from the image size instead (Flux; flow.flux_mu)
+    base_shift: float | None = 0.5
+    max_shift: float | None = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    shift_terminal: float | None = None
+    invert_sigmas: bool = False
+    stochastic_sampling: bool = False
     # Keys present in the file that the chosen class does not read (diffusers ignores them too).
     ignored_keys: tuple[str, ...] = ()
 
@@ -82,6 +93,7 @@ IMPLEMENTED_VALUES: dict[str, tuple[Any, ...]] = {
     "final_sigmas_type": ("zero", "sigma_min"),
     "thresholding": (False,),
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),  # None: DDPM's fixed_small, as diffusers
+    "time_shift_type": ("exponential", "linear"),
 }
 
 # Options that describe the trained model rather than a solver. When the chosen class does not
@@ -99,11 +111,7 @@ MODEL_OPTIONS_INERT: dict[str, Any] = {
 
 # Options of diffusers scheduler classes sdrt has no field for. They are ignored when the chosen
 # class does not read them (as diffusers does), after the MODEL_OPTIONS_INERT check.
-OTHER_CLASS_OPTIONS = frozenset({
-    "use_flow_sigmas", "flow_shift", "shift", "use_dynamic_shifting", "time_shift_type",
-    "shift_terminal", "invert_sigmas", "base_shift", "max_shift", "base_image_seq_len",
-    "max_image_seq_len", "stochastic_sampling", "sigma_data", "sigma_schedule", "rho",
-})
+OTHER_CLASS_OPTIONS = frozenset({"use_flow_sigmas", "flow_shift", "sigma_data", "sigma_schedule", "rho"})
 
 
 def resolve_config(
@@ -164,8 +172,10 @@ BOOL_OPTIONS = tuple(f.name for f in dataclasses.fields(SchedulerConfig) if f.ty
 
 def _check_types(values: Mapping[str, Any]) -> None:
     """Refuse values of the wrong kind with a message naming the option."""
-    ints = ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps")
-    floats = ("beta_start", "beta_end", "clip_sample_range", "sigma_min", "sigma_max")
+    ints = ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps", "base_image_seq_len",
+            "max_image_seq_len")
+    floats = ("beta_start", "beta_end", "clip_sample_range", "sigma_min", "sigma_max", "shift", "base_shift",
+              "max_shift", "shift_terminal")
     for key in ints:
         value = values.get(key)
         if key in values and (isinstance(value, bool) or not isinstance(value, int)):
@@ -187,6 +197,11 @@ def _check_types(values: Mapping[str, Any]) -> None:
     if not 0 <= start <= end < 1:  # a negative beta gives complex alphas (scaled_linear takes square roots)
         raise InvalidInputError(f"scheduler betas must satisfy 0 <= beta_start <= beta_end < 1, got beta_start "
                                 f"{start!r}, beta_end {end!r}")
+    if values.get("shift", 1.0) <= 0:  # the shifted sigmas would leave [0, 1]
+        raise InvalidInputError(f"scheduler option shift must be > 0, got {values['shift']!r}")
+    terminal = values.get("shift_terminal")
+    if terminal and not 0 < terminal < 1:  # diffusers stretches the sigmas to end at it (0/None: no stretch)
+        raise InvalidInputError(f"scheduler option shift_terminal must be in (0, 1), got {terminal!r}")
     if values.get("num_train_timesteps", 1) < 1:
         raise InvalidInputError(f"num_train_timesteps must be >= 1, got {values['num_train_timesteps']}")
     betas = values.get("trained_betas")

@@ -4,6 +4,9 @@ A solver family is a module that builds a `Plan` from a `SchedulerConfig` and st
 
     step(plan, i, model_output, sample, state, rng) -> (new_sample, new_state)
 
+make_plan(config, steps, eta, first_evaluation, **schedule_options) also takes, as keywords, the options the
+solver declares in `schedule_options` (flow-euler: diffusers' set_timesteps(sigmas=, mu=)).
+
 `i` counts model evaluations (Heun: 2 per step). The per-evaluation coefficient table
 (`plan.coefficients`) is a frozen dataclass of read-only arrays whose first axis is the evaluation;
 `truncate` relies on that to cut a plan for img2img.
@@ -42,6 +45,12 @@ class Plan:
         return len(self.timesteps)
 
 
+def sd_strength_start(num_inference_steps: int, strength: float) -> int:
+    """Steps img2img skips, as StableDiffusionImg2ImgPipeline.get_timesteps: n - int(n * strength)."""
+    n = num_inference_steps
+    return max(n - min(int(n * strength), n), 0)
+
+
 @dataclass(frozen=True)
 class Solver:
     """One solver family, as the registry and `Scheduler` see it."""
@@ -58,6 +67,12 @@ class Solver:
     # (config, steps, strength) -> the plan of a schedule built for img2img's strength, all steps run (diffusers'
     # set_timesteps(n, strength=), LCM's); None: the solver only cuts its schedule short (`truncate`).
     make_strength_plan: Callable[[SchedulerConfig, int, float], Plan] | None = None
+    # (steps, strength) -> steps img2img skips; the flow pipelines (SD3, Flux) do not floor n * strength first.
+    strength_start: Callable[[int, float], int] = sd_strength_start
+    # Samples flow-matching models (velocity output; SD3, Flux) rather than noise-prediction ones.
+    flow: bool = False
+    # Arguments of diffusers' set_timesteps beyond the step count that make_plan takes as keywords ("sigmas", "mu").
+    schedule_options: frozenset[str] = frozenset()
 
 
 def frozen(array: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from sdrt.runtime.schedulers.ddim import DDIM
 from sdrt.runtime.schedulers.ddpm import DDPM
 from sdrt.runtime.schedulers.dpmsolver import DPM_SOLVER
 from sdrt.runtime.schedulers.euler import EULER, EULER_ANCESTRAL
+from sdrt.runtime.schedulers.flow import FLOW_EULER
 from sdrt.runtime.schedulers.heun import HEUN
 from sdrt.runtime.schedulers.lcm import LCM
 from sdrt.runtime.schedulers.lms import LMS
@@ -52,9 +53,19 @@ _register("dpm++2m-sde-karras", DPM_SOLVER, use_karras_sigmas=True, algorithm_ty
 _register("unipc", UNIPC)
 _register("unipc-karras", UNIPC, use_karras_sigmas=True)
 _register("lcm", LCM)
+# Flow matching (SD3, Flux): velocity-predicting models; no pipeline runs them yet.
+_register("flow-euler", FLOW_EULER)
 
-SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+# The schedulers of noise-prediction models (the UNet families); `--scheduler` offers these.
+SCHEDULER_NAMES: tuple[str, ...] = tuple(name for name, (solver, _) in _SCHEDULERS.items() if not solver.flow)
+# The schedulers of flow-matching models (SD3, Flux).
+FLOW_SCHEDULER_NAMES: tuple[str, ...] = tuple(name for name, (solver, _) in _SCHEDULERS.items() if solver.flow)
 SUPPORTED_CLASS_NAMES: tuple[str, ...] = tuple(_CLASS_TO_NAME)
+
+
+def _is_flow_class(class_name: str) -> bool:
+    """diffusers names every flow-matching scheduler class FlowMatch*."""
+    return class_name.startswith("FlowMatch")
 
 
 def load_scheduler(config: Mapping[str, Any], name: str | None = None) -> Scheduler:
@@ -78,7 +89,16 @@ def load_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedu
         name = _CLASS_TO_NAME[class_name]
     key = name.lower() if isinstance(name, str) else name
     if key not in _SCHEDULERS:
-        raise InvalidInputError(f"unknown scheduler name {name!r}; known names: {', '.join(SCHEDULER_NAMES)}")
+        raise InvalidInputError(f"unknown scheduler name {name!r}; known names: {', '.join(SCHEDULER_NAMES)}; "
+                                f"for flow-matching models (SD3, Flux): {', '.join(FLOW_SCHEDULER_NAMES)}")
     solver, overrides = _SCHEDULERS[key]
+    class_name = config.get("_class_name")
+    if isinstance(class_name, str) and _is_flow_class(class_name) != solver.flow:
+        kind, fits = ("flow-matching", FLOW_SCHEDULER_NAMES) if solver.flow else ("noise-prediction", SCHEDULER_NAMES)
+        raise UnsupportedConfigError(
+            f"the {key} scheduler samples {kind} models, but this scheduler config is {class_name}'s, made for a "
+            f"{'flow-matching' if _is_flow_class(class_name) else 'noise-prediction'} model; use one of: "
+            f"{', '.join(n for n in _SCHEDULERS if n not in fits)}"
+        )
     resolved = resolve_config(config, solver.diffusers_class, solver.class_defaults, solver.implemented, overrides)
     return Scheduler(name=key, config=resolved, solver=solver)

@@ -15,7 +15,7 @@ Samples are float32; `step` never changes its inputs and returns arrays the call
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -38,7 +38,8 @@ class Scheduler:
         return self.solver.evaluations_per_step
 
     def plan(self, num_inference_steps: int, *, strength: float | None = None, eta: float = 0.0,
-             strength_in_schedule: bool = False) -> Plan:
+             strength_in_schedule: bool = False, sigmas: Sequence[float] | None = None,
+             mu: float | None = None) -> Plan:
         """Precompute a sampling run of `num_inference_steps` steps.
 
         strength: img2img, as diffusers' img2img pipelines: keep the last int(n * strength) steps.
@@ -46,6 +47,8 @@ class Scheduler:
         strength_in_schedule: instead, build the schedule for strength and run all n steps, as diffusers'
         LatentConsistencyModelImg2ImgPipeline does (LCMScheduler.set_timesteps(n, strength=)); only solvers
         with such a schedule (lcm) take it. diffusers' StableDiffusionImg2ImgPipeline cuts even LCM's schedule.
+        sigmas, mu: diffusers' set_timesteps(sigmas=, mu=) of the flow schedulers (the Flux pipeline passes
+        sigmas linspace(1, 1/n, n) and mu = flow.flux_mu(image_seq_len, config)); other solvers take neither.
         """
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -58,17 +61,40 @@ class Scheduler:
             raise InvalidInputError(f"eta must be >= 0, got {eta!r}")
         if eta != 0 and not self.solver.accepts_eta:
             raise InvalidInputError(f"eta={eta} applies to the ddim scheduler only; {self.name} takes eta=0")
+        schedule_options = self._schedule_options(int(n), sigmas, mu)
         start_step = 0
         if strength is not None:
             if not 0 < strength <= 1:
                 raise InvalidInputError(f"strength must be in (0, 1], got {strength!r}")
             if strength_in_schedule:
                 return replace(self._strength_plan(int(n), float(strength)), solver=self.name)
-            start_step = max(n - min(int(n * strength), n), 0)
+            start_step = self.solver.strength_start(int(n), float(strength))
             if start_step >= n:
                 raise InvalidInputError(f"strength={strength} with {n} steps leaves no step to run; raise either")
-        plan = self.solver.make_plan(self.config, int(n), float(eta), start_step * self.solver.evaluations_per_step)
+        plan = self.solver.make_plan(self.config, int(n), float(eta), start_step * self.solver.evaluations_per_step,
+                                     **schedule_options)
         return replace(plan, solver=self.name, num_inference_steps=int(n) - start_step)
+
+    def _schedule_options(self, n: int, sigmas: Sequence[float] | None, mu: float | None) -> dict[str, Any]:
+        """sigmas= and mu= checked (given ones only), for a solver that declares them."""
+        options: dict[str, Any] = {}
+        for key, value in (("sigmas", sigmas), ("mu", mu)):
+            if value is not None and key not in self.solver.schedule_options:
+                raise InvalidInputError(f"{key}= sets a flow-matching schedule (flow-euler); the {self.name} "
+                                        "scheduler takes none")
+        if sigmas is not None:
+            try:
+                values = np.array(sigmas, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"sigmas must be a list of numbers, got {sigmas!r}") from e
+            if values.ndim != 1 or len(values) != n or not np.all(np.isfinite(values)):
+                raise InvalidInputError(f"sigmas must be {n} finite numbers (one per step), got {sigmas!r}")
+            options["sigmas"] = values
+        if mu is not None:
+            if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating, np.integer)) or not np.isfinite(mu):
+                raise InvalidInputError(f"mu must be a finite number, got {mu!r}")
+            options["mu"] = float(mu)
+        return options
 
     def _strength_plan(self, n: int, strength: float) -> Plan:
         if self.solver.make_strength_plan is None:
