@@ -75,12 +75,12 @@ def fake_velocity(model_input: np.ndarray, t: float) -> np.ndarray:
 
 
 def schedule_kwargs(config: dict, steps: int, seq_len: int, flux_style: bool) -> dict:
-    """What the SD3 / Flux pipelines pass to set_timesteps: Flux its sigmas and always mu; SD3 mu with dynamic
-    shifting only."""
+    """What the SD3 / Flux pipelines pass to set_timesteps: Flux its sigmas and always mu (ignored by a static
+    shift, as in FLUX.1-schnell's config); SD3 mu with dynamic shifting only. sdrt takes mu only where it counts."""
     kwargs = {}
     if flux_style:
         kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-    if config.get("use_dynamic_shifting"):
+    if flux_style or config.get("use_dynamic_shifting"):
         reference = FlowMatchEulerDiscreteScheduler.from_config(config).config
         kwargs["mu"] = calculate_shift(seq_len, reference.get("base_image_seq_len", 256),
                                        reference.get("max_image_seq_len", 4096), reference.get("base_shift", 0.5),

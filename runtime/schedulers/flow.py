@@ -5,6 +5,8 @@ The model predicts the velocity v = noise - x0 of x_sigma = (1 - sigma) x0 + sig
 follows it: x_next = x + (sigma_next - sigma) v. The sigmas run from 1 toward 0, shifted toward 1 by
 the config's `shift` (SD3: 3.0) or, with `use_dynamic_shifting`, by `mu` from the image's token count
 (Flux: `flux_mu`). The UNet-style input scaling is the identity and the initial latents are the noise.
+FluxPipeline passes mu even to a static-shift config (FLUX.1-schnell), where diffusers ignores it; sdrt
+refuses a mu that would change nothing: pass it only when config.use_dynamic_shifting.
 """
 
 from __future__ import annotations
