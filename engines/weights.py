@@ -21,6 +21,7 @@ Needs the `onnx` package (sdrt[lora]); the runtime imports this module only when
 from __future__ import annotations
 
 import ast
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ import numpy as np
 
 from sdrt.engines.errors import BackendNotInstalledError, EngineError
 
-LAYOUTS = ("linear_t", "linear", "conv", "embedding")
+LAYOUTS = ("linear_t", "linear", "conv", "conv_nhwc", "packed_linear_t", "embedding")
+PACKED = "sdrt.packed"  # metadata of a packed-projection MatMul (sdrt.export.packing): its modules, slot by slot
 WRAPPER_PREFIXES = ("unet.", "text_encoder.", "text_model.", "transformer.", "controlnet.")
 
 
@@ -47,25 +49,57 @@ def import_onnx():
 
 @dataclass(frozen=True)
 class Target:
-    """Where a module's weight lives: the initializer, its layout (LAYOUTS), shape and dtype."""
+    """Where a module's weight lives: the initializer, its layout (LAYOUTS), shape and dtype. A packed projection
+    (the gpu profile's Q/K/V in one MatMul, columns interleaved head by head: [C, heads, slots, H]) is one module's
+    `slot` of `slots` in the initializer."""
 
     initializer: str
     layout: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    shared: bool = False  # other modules read the same initializer
+    shared: bool = False  # other modules read the same initializer (not a packed projection's slots)
+    slot: int = 0
+    slots: int = 1
+    heads: int = 1
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
         """The weight's shape as the torch module holds it ([out, in] for a linear layer)."""
-        return tuple(reversed(self.shape)) if self.layout == "linear_t" else self.shape
+        if self.layout == "linear_t":
+            return tuple(reversed(self.shape))
+        if self.layout == "conv_nhwc":  # onnxruntime's NhwcConv: [out, kh, kw, in]
+            return (self.shape[0], self.shape[3], self.shape[1], self.shape[2])
+        if self.layout == "packed_linear_t":
+            return (self.shape[1] // self.slots, self.shape[0])
+        return self.shape
 
     def to_torch(self, array: np.ndarray) -> np.ndarray:
-        return array.T if self.layout == "linear_t" else array
+        if self.layout == "linear_t":
+            return array.T
+        if self.layout == "conv_nhwc":
+            return array.transpose(0, 3, 1, 2)
+        if self.layout == "packed_linear_t":
+            c = array.shape[0]
+            return array.reshape(c, self.heads, self.slots, -1)[:, :, self.slot, :].reshape(c, -1).T
+        return array
 
     def from_torch(self, array: np.ndarray) -> np.ndarray:
-        """A weight in torch's layout, in the initializer's layout and dtype."""
-        return np.ascontiguousarray((array.T if self.layout == "linear_t" else array).astype(self.dtype))
+        """A weight in torch's layout, in the initializer's layout and dtype (not for a packed slot)."""
+        if self.layout == "packed_linear_t":
+            raise ValueError("a packed projection's slot is part of an initializer: use add_delta")
+        layout = {"linear_t": lambda a: a.T, "conv_nhwc": lambda a: a.transpose(0, 2, 3, 1)}.get(self.layout)
+        return np.ascontiguousarray((array if layout is None else layout(array)).astype(self.dtype))
+
+    def add_delta(self, out: np.ndarray, module, scale: float) -> None:
+        """out (this initializer's value, float32) += the module's scaled change, in the initializer's layout."""
+        if self.layout == "packed_linear_t":
+            c = out.shape[0]
+            d = module.delta(self.torch_shape, scale, transposed=True)  # [C, heads * H]
+            out.reshape(c, self.heads, self.slots, -1)[:, :, self.slot, :] += d.reshape(c, self.heads, -1)
+        elif self.layout == "conv_nhwc":
+            out += module.delta(self.torch_shape, scale).transpose(0, 2, 3, 1)
+        else:
+            out += module.delta(self.torch_shape, scale, transposed=self.layout == "linear_t")
 
 
 def canonical_module(path: str) -> str:
@@ -96,6 +130,8 @@ def _module_of(node, weight: str) -> str | None:
         return canonical_module(".".join(part for part in node.name.strip("/").split("/")[:-1]))
     if weight.endswith(".weight"):
         return canonical_module(weight[: -len(".weight")])
+    if node.op_type == "NhwcConv" and len(node.input) > 2 and node.input[2].endswith(".bias"):
+        return canonical_module(node.input[2][: -len(".bias")])  # onnxruntime renamed the weight, not the bias
     return None
 
 
@@ -108,12 +144,30 @@ def _weight_input(node, initializers: dict) -> tuple[str, str] | None:
         return node.input[1], "linear" if trans_b else "linear_t"
     if node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in initializers:
         return node.input[1], "conv"
+    if node.op_type == "NhwcConv" and len(node.input) >= 2 and node.input[1] in initializers:
+        return node.input[1], "conv_nhwc"
     if node.op_type == "Gather" and node.input and node.input[0] in initializers:
         return node.input[0], "embedding"
     return None
 
 
 _DTYPES = {1: np.float32, 10: np.float16, 11: np.float64, 16: None}  # 16: bfloat16, not handled
+
+
+def _packed_targets(recorded: str, tensor) -> dict[str, Target]:
+    """module -> its slot of a packed projection, from the MatMul's PACKED metadata ({"modules": [...], "heads"})."""
+    try:
+        info = json.loads(recorded)
+        modules, heads = [str(m) for m in info["modules"]], int(info["heads"])
+    except (ValueError, KeyError, TypeError):
+        return {}
+    dtype = _DTYPES.get(tensor.data_type)
+    shape = tuple(int(d) for d in tensor.dims)
+    if dtype is None or len(shape) != 2 or heads < 1 or shape[1] % (heads * len(modules)):
+        return {}
+    return {canonical_module(m): Target(tensor.name, "packed_linear_t", shape, np.dtype(dtype), slot=i,
+                                        slots=len(modules), heads=heads)
+            for i, m in enumerate(modules) if m}
 
 
 class WeightFile:
@@ -128,9 +182,14 @@ class WeightFile:
         tensors = {t.name: t for t in model.graph.initializer}
         readers: dict[str, set[str]] = {}
         found: dict[str, tuple[str, str]] = {}
+        packed: dict[str, Target] = {}
         for node in model.graph.node:
             hit = _weight_input(node, tensors)
             if hit is None:
+                continue
+            recorded = _metadata(node, PACKED) if hit[1] == "linear_t" else None
+            if recorded is not None:  # one MatMul for several modules (sdrt.export.packing)
+                packed.update(_packed_targets(recorded, tensors[hit[0]]))
                 continue
             module = _module_of(node, hit[0])
             if module is None:
@@ -145,6 +204,7 @@ class WeightFile:
                 continue  # integer (quantized) or bfloat16 weights: not adaptable here
             self.targets[module] = Target(name, layout, tuple(int(d) for d in tensor.dims), np.dtype(dtype),
                                           shared=len(readers[name]) > 1)
+        self.targets.update(packed)
         self.quantized = any(n.op_type in ("DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
                                            "ConvInteger", "DynamicQuantizeLinear") for n in model.graph.node)
 

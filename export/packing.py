@@ -23,12 +23,14 @@ projections to pack read the same tensor and have weights of one shape.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sdrt.engines.weights import PACKED, _module_of
 from sdrt.export.attention import MS_DOMAIN, _attr, _Graph, remove_dead_nodes
 
 
@@ -39,6 +41,7 @@ class Projection:
     source: str
     weight: np.ndarray  # [C, N*H]
     bias: np.ndarray | None  # [N*H]
+    module: str | None = None  # the torch module it came from (for LoRAs on the packed weight)
 
 
 def _used_once(g: _Graph, name: str) -> bool:
@@ -64,7 +67,7 @@ def _projection(g: _Graph, name: str) -> Projection | None:
     weight = numpy_helper.to_array(g.initializers[node.input[1]])
     if weight.ndim != 2 or (bias is not None and bias.shape != (weight.shape[1],)):
         return None
-    return Projection(node.input[0], weight, bias)
+    return Projection(node.input[0], weight, bias, _module_of(node, node.input[1]))
 
 
 def _pack(projections: list[Projection], heads: int) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -83,12 +86,16 @@ def _pack(projections: list[Projection], heads: int) -> tuple[np.ndarray, np.nda
 
 
 def _packed_nodes(name: str, source: str, weight: np.ndarray, bias: np.ndarray | None, heads: int, slots: int,
-                  graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], str]:
-    """MatMul(source, weight) [+ bias] -> Reshape [0, 0, N, slots, H]: the nodes and the packed tensor's name."""
+                  graph: onnx.GraphProto, modules: list) -> tuple[list[onnx.NodeProto], str]:
+    """MatMul(source, weight) [+ bias] -> Reshape [0, 0, N, slots, H]: the nodes and the packed tensor's name. The
+    MatMul records the modules slot by slot (engines.weights.PACKED), so that a LoRA finds their weights."""
     graph.initializer.append(numpy_helper.from_array(weight, f"{name}_weight"))
     graph.initializer.append(numpy_helper.from_array(
         np.array([0, 0, heads, slots, weight.shape[1] // (heads * slots)], np.int64), f"{name}_shape"))
     nodes = [helper.make_node("MatMul", [source, f"{name}_weight"], [f"{name}_matmul"], name=f"{name}_MatMul")]
+    if all(modules):
+        entry = nodes[0].metadata_props.add()
+        entry.key, entry.value = PACKED, json.dumps({"modules": modules, "heads": heads})
     projected = f"{name}_matmul"
     if bias is not None:
         graph.initializer.append(numpy_helper.from_array(bias, f"{name}_bias"))
@@ -125,11 +132,11 @@ def pack_attention(model: onnx.ModelProto, log=None) -> dict[str, int]:
         qkv = _pack([q, k, v], heads) if heads and all(p is not None for p in (q, k, v)) else None
         kv = _pack([k, v], heads) if heads and qkv is None and k is not None and v is not None else None
         if qkv is not None:
-            new, packed = _packed_nodes(f"sdrt_qkv_{i}", q.source, *qkv, heads, 3, graph)
+            new, packed = _packed_nodes(f"sdrt_qkv_{i}", q.source, *qkv, heads, 3, graph, [q.module, k.module, v.module])
             node.input[:] = [packed, "", ""]
             counts["qkv"] += 1
         elif kv is not None:
-            new, packed = _packed_nodes(f"sdrt_kv_{i}", k.source, *kv, heads, 2, graph)
+            new, packed = _packed_nodes(f"sdrt_kv_{i}", k.source, *kv, heads, 2, graph, [k.module, v.module])
             node.input[:] = [node.input[0], packed, ""]
             counts["kv"] += 1
         else:

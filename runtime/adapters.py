@@ -53,6 +53,23 @@ def check_loras(value) -> tuple[tuple[str, float], ...] | None:
     return tuple(out)
 
 
+def merged_weights(path, changes: dict, finish=None) -> dict:
+    """initializer -> the file's value plus each (Target, module, scale) change of `changes[initializer]`, in the
+    initializer's layout and dtype; computed in float32 in place, one initializer at a time (`finish(name, out)`
+    may replace the result, e.g. a grown token-embedding table)."""
+    from sdrt.engines.weights import weight_file
+
+    merged = {}
+    for initializer, weight in weight_file(path).read_each(changes):
+        out = weight if weight.dtype == np.float32 and weight.flags.writeable else weight.astype(np.float32)
+        for target, module, scale in changes[initializer]:
+            target.add_delta(out, module, scale)
+        if finish is not None:
+            out = finish(initializer, out)
+        merged[initializer] = out if out.dtype == weight.dtype else out.astype(weight.dtype)
+    return merged
+
+
 class Adapters:
     """LoRAs of one Generator; see the module docstring."""
 
@@ -99,9 +116,9 @@ class Adapters:
             folder = self.models.folder
             hint = ""
             if ((folder.manifest or {}).get("optimize") or {}).get("profile") == "gpu":
-                hint = ("this folder was optimized with the gpu profile, which packs the attention projections and "
-                        "rewrites convolutions (NhwcConv), so those weights have no module of their own: apply the "
-                        "LoRA to the plain export or a `sdrt optimize --optimize cpu` folder")
+                hint = ("this folder was optimized with the gpu profile by an sdrt that did not record the modules of "
+                        "its packed attention projections: run `sdrt optimize --optimize gpu` on the export again, "
+                        "or apply the LoRA to the plain export")
             self._resolver = Resolver(self._targets(), folder.unet_config, hint)
         return self._resolver
 
@@ -216,8 +233,6 @@ class Adapters:
     def _apply(self, key) -> None:
         """Give the engines the weights of `key`: for each initializer a set changes, the folder's value plus each
         LoRA's scaled change, added in place one module at a time (peak: the merged weights plus one layer)."""
-        from sdrt.engines.weights import weight_file
-
         wanted = key[0]
         folder = self.models.folder
         plan: dict[str, dict[str, list]] = {}  # component -> initializer -> [(Target, module, scale)]
@@ -234,17 +249,12 @@ class Adapters:
                 engine.set_initializers({})  # drop the previous set (and its session) before making the next
             if component not in plan:
                 continue
-            merged = {}
-            for initializer, weight in weight_file(folder.onnx_path(component)).read_each(plan[component]):
-                changes = plan[component][initializer]
-                out = weight if weight.dtype == np.float32 and weight.flags.writeable else weight.astype(np.float32)
-                for target, module, scale in changes:
-                    out += module.delta(target.torch_shape, scale, transposed=target.layout == "linear_t")
-                if component in self.embeddings and TOKEN_EMBEDDING in self.resolver.targets[component] and \
-                        initializer == self.resolver.targets[component][TOKEN_EMBEDDING].initializer:
-                    out = _Grown(self._embedding_start[component], self.embeddings[component]).table(out)
-                merged[initializer] = out if out.dtype == weight.dtype else out.astype(weight.dtype)
-            engine.set_initializers(merged)
+            grow = None
+            if component in self.embeddings and TOKEN_EMBEDDING in self.resolver.targets[component]:
+                table = self.resolver.targets[component][TOKEN_EMBEDDING].initializer
+                grown = _Grown(self._embedding_start[component], self.embeddings[component])
+                grow = lambda name, out: grown.table(out) if name == table else out  # noqa: E731
+            engine.set_initializers(merged_weights(folder.onnx_path(component), plan[component], grow))
         self._applied = key
         _trim_heap()
 

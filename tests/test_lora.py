@@ -324,3 +324,41 @@ def test_loha_and_lokr_match_their_definitions(pipe, sd1_reference, tmp_path):
     path = fl.save(tmp_path / "lycoris.safetensors", state)
     want = ref(generator=torch.Generator("cpu").manual_seed(SEED), **KW).images
     assert np.abs(pipe(seed=SEED, loras={str(path): 0.9}, **KW).images - want).max() < TOLERANCE
+
+
+def test_a_gpu_profile_folder_takes_loras_into_its_packed_and_nhwc_weights(exported, loras, tmp_path):
+    """`sdrt optimize --optimize gpu` packs Q/K/V (K/V) into one MatMul, columns interleaved head by head, and makes
+    convolutions NHWC: every weight a LoRA changes there equals the plain export's merged weight, read back in the
+    module's layout (the gpu folder's networks run on CUDA only, so the weights are compared, not images)."""
+    from sdrt.engines.weights import weight_file
+    from sdrt.export.optimize import optimize_folder
+    from sdrt.runtime.adapters import merged_weights
+    from sdrt.runtime.config import ModelFolder
+    from sdrt.runtime.lora import LoraFile, Resolver
+
+    gpu = optimize_folder(exported["sd1"], tmp_path / "gpu", profile="gpu", log=lambda m: None)
+
+    def merged_modules(path, lora_path, scale):
+        folder = ModelFolder.open(path)
+        targets = {c: weight_file(folder.onnx_path(c)).targets for c in ("text_encoder", "unet")}
+        plan, layouts = {}, {}
+        for component, target, module in LoraFile.read(lora_path).targets(Resolver(targets, folder.unet_config)):
+            plan.setdefault(component, {}).setdefault(target.initializer, []).append((target, module, scale))
+            layouts[target.layout] = layouts.get(target.layout, 0) + 1
+        out = {}
+        for component, changes in plan.items():
+            merged = merged_weights(folder.onnx_path(component), changes)
+            for initializer, items in changes.items():
+                for target, module, _ in items:
+                    out[(component, module.key)] = target.to_torch(merged[initializer])
+        return out, layouts
+
+    for name, scale in (("a", 0.7), ("b", 1.3)):
+        plain, _ = merged_modules(exported["sd1"], loras[1][name], scale)
+        packed, layouts = merged_modules(gpu, loras[1][name], scale)
+        assert plain.keys() == packed.keys()
+        for key, value in plain.items():
+            np.testing.assert_allclose(packed[key], value, rtol=0, atol=1e-6, err_msg=str(key))
+        assert layouts.get("packed_linear_t", 0) > 0, layouts
+        if name == "b":
+            assert layouts.get("conv_nhwc", 0) > 0, layouts
