@@ -38,17 +38,12 @@ PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from sdrt.engines.openvino import cpu_flags
+    from sdrt.runtime.bench import _cpu_model
+
+    flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted}}
+    return {"model": _cpu_model(), "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted}}
 
 
 def child(folder: str, options: dict, steps: int, size: int, guidance: float, image_path: str) -> dict:

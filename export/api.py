@@ -18,6 +18,7 @@ from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, latent_mu
 from sdrt.export.checkpoint import controlnet_folders, load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, OutputExistsError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
+from sdrt.export import single_file
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
@@ -105,8 +106,6 @@ def export_pipeline(src: str | Path, out: str | Path, *, opset: int = MIN_OPSET,
     unless all components export and validate; an existing `out` is replaced only with `force=True`.
     """
     require_export_extra()
-    from sdrt.export import single_file
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     _check_opset(opset)
@@ -175,9 +174,7 @@ def _export_folder(src: str | Path, out: Path, *, opset: int, components: Iterab
         (tmp / "scheduler").mkdir()
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         if prediction_type is not None:
-            scheduler = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())
-            scheduler["prediction_type"] = prediction_type
-            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+            single_file.set_scheduler_option(tmp, "prediction_type", prediction_type)
         for tokenizer in ("tokenizer", "tokenizer_2"):
             if (ckpt.path / tokenizer).is_dir():
                 copy_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)

@@ -305,15 +305,12 @@ def _given_config(config: Path, arch: str) -> Path:
     return config
 
 
-def _set_scheduler_option(folder: Path, key: str, value) -> None:
+def set_scheduler_option(folder: Path, key: str, value) -> None:
+    """Set one option in a diffusers folder's scheduler/scheduler_config.json."""
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
     config[key] = value
     path.write_text(json.dumps(config, indent=2))
-
-
-def _set_prediction_type(folder: Path, prediction_type: str) -> None:
-    _set_scheduler_option(folder, "prediction_type", prediction_type)
 
 
 @dataclass
@@ -352,7 +349,7 @@ def convert(source: SingleFile, dst: Path, *, config: Path | None = None, origin
         prediction_type = "v_prediction"
         log(f"{source.path.name} holds the v_pred marker: prediction type v_prediction")
     if prediction_type is not None:
-        _set_prediction_type(configs, prediction_type)
+        set_scheduler_option(configs, "prediction_type", prediction_type)
     index = json.loads((configs / "model_index.json").read_text())
     pipeline_class = getattr(diffusers, index.get("_class_name") or arch.pipeline, None) or \
         getattr(diffusers, arch.pipeline)
@@ -387,9 +384,9 @@ def convert(source: SingleFile, dst: Path, *, config: Path | None = None, origin
             lg.setLevel(level)
         shutil.rmtree(configs, ignore_errors=True)
     if prediction_type is not None:
-        _set_prediction_type(dst, prediction_type)
+        set_scheduler_option(dst, "prediction_type", prediction_type)
     if "ztsnr" in source.tensors:  # trained with zero terminal SNR (ComfyUI's marker): as diffusers' option says
-        _set_scheduler_option(dst, "rescale_betas_zero_snr", True)
+        set_scheduler_option(dst, "rescale_betas_zero_snr", True)
         log(f"{source.path.name} holds the ztsnr marker: rescale_betas_zero_snr")
     return dst
 

@@ -35,3 +35,17 @@ def reference(pipe_and_scheduler, scheduler: str | None, seed: int, **kwargs) ->
         pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
     generator = torch.Generator("cpu").manual_seed(seed)
     return pipe(generator=generator, output_type="np", **kwargs).images
+
+
+class TorchStreamRng:
+    """Test-only rng: the runtime's `randn(shape, dtype)` protocol over a torch CPU generator."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def randn(self, shape, dtype=np.float32):
+        import torch
+
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy()

@@ -19,6 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
 from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError  # noqa: E402
+from tests.reference import TorchStreamRng  # noqa: E402
 from sdrt.runtime.schedulers import FLOW_SCHEDULER_NAMES, SCHEDULER_NAMES, load_scheduler, registry  # noqa: E402
 from sdrt.runtime.schedulers.flow import flux_mu, flux_sigmas  # noqa: E402
 
@@ -54,16 +55,6 @@ VARIANTS = {
     "flux-karras": {**FLUX_DEV, "use_karras_sigmas": True},
     "flux-schnell": FLUX_SCHNELL,
 }
-
-
-class TorchStreamRng:
-    """Test-only rng: the runtime's `randn(shape, dtype)` protocol over a torch CPU generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator("cpu").manual_seed(seed)
-
-    def randn(self, shape, dtype=np.float32):
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy()
 
 
 _PATTERN = np.linspace(-1.0, 1.0, int(np.prod(SHAPE[1:])), dtype=np.float32).reshape(SHAPE[1:])

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tests.reference import TorchStreamRng  # noqa: E402
 from sdrt.runtime.schedulers import SCHEDULER_NAMES, load_scheduler  # noqa: E402
 from sdrt.runtime.schedulers import registry  # noqa: E402
 
@@ -119,16 +120,6 @@ VARIANT_CASES = [
     for steps in (4, 25)
     if _variant_applies(name, variant)
 ]
-
-
-class TorchStreamRng:
-    """Test-only rng: the runtime's `randn(shape, dtype)` protocol over a torch CPU generator."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator("cpu").manual_seed(seed)
-
-    def randn(self, shape, dtype=np.float32):
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy()
 
 
 _PATTERN = np.linspace(-1.0, 1.0, int(np.prod(SHAPE[1:])), dtype=np.float32).reshape(SHAPE[1:])
