@@ -4,9 +4,12 @@
     sched = load_scheduler(scheduler_config_dict, name=None)
 
 See scheduler.py for the sampling loop, registry.py for the names, plan.py for adding a solver.
-SCHEDULER_NAMES sample noise-prediction models (the UNet families); FLOW_SCHEDULER_NAMES ("flow-euler",
-diffusers' FlowMatchEulerDiscreteScheduler, flow.py) sample flow-matching models (SD3, Flux), whose
-plans take diffusers' `sigmas=` and `mu=` (`flow.flux_mu`): `sched.plan(n, sigmas=..., mu=...)`.
+SCHEDULER_NAMES sample noise-prediction models (the UNet families); FLOW_SCHEDULER_NAMES sample flow-matching
+models (SD3, Flux): "flow-euler" (FlowMatchEulerDiscreteScheduler, flow.py), "flow-heun" (FlowMatchHeunDiscrete-
+Scheduler, flow_heun.py), "flow-dpm++2m", "flow-dpm++2m-sde" and "flow-unipc" (DPMSolverMultistepScheduler and
+UniPCMultistepScheduler with use_flow_sigmas, dpmsolver.py, unipc.py). Their plans take diffusers' `mu=`
+(`flow.flux_mu`) where the class's set_timesteps does, and `sigmas=` (flow-euler, flow-unipc):
+`sched.plan(n, sigmas=..., mu=...)`.
 """
 
 from sdrt.runtime.schedulers.config import SchedulerConfig

@@ -75,6 +75,10 @@ class SchedulerConfig:
     shift_terminal: float | None = None
     invert_sigmas: bool = False
     stochastic_sampling: bool = False
+    # Flow matching in the multistep solvers (DPMSolverMultistepScheduler, UniPCMultistepScheduler with
+    # prediction_type "flow_prediction"): sigmas 1 -> 0 shifted by flow_shift, alpha_t = 1 - sigma.
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
     # Keys present in the file that the chosen class does not read (diffusers ignores them too).
     ignored_keys: tuple[str, ...] = ()
 
@@ -111,7 +115,7 @@ MODEL_OPTIONS_INERT: dict[str, Any] = {
 
 # Options of diffusers scheduler classes sdrt has no field for. They are ignored when the chosen
 # class does not read them (as diffusers does), after the MODEL_OPTIONS_INERT check.
-OTHER_CLASS_OPTIONS = frozenset({"use_flow_sigmas", "flow_shift", "sigma_data", "sigma_schedule", "rho"})
+OTHER_CLASS_OPTIONS = frozenset({"sigma_data", "sigma_schedule", "rho"})
 
 
 def resolve_config(
@@ -175,7 +179,7 @@ def _check_types(values: Mapping[str, Any]) -> None:
     ints = ("num_train_timesteps", "steps_offset", "solver_order", "original_inference_steps", "base_image_seq_len",
             "max_image_seq_len")
     floats = ("beta_start", "beta_end", "clip_sample_range", "sigma_min", "sigma_max", "shift", "base_shift",
-              "max_shift", "shift_terminal")
+              "max_shift", "shift_terminal", "flow_shift")
     for key in ints:
         value = values.get(key)
         if key in values and (isinstance(value, bool) or not isinstance(value, int)):
@@ -199,6 +203,8 @@ def _check_types(values: Mapping[str, Any]) -> None:
                                 f"{start!r}, beta_end {end!r}")
     if values.get("shift", 1.0) <= 0:  # the shifted sigmas would leave [0, 1]
         raise InvalidInputError(f"scheduler option shift must be > 0, got {values['shift']!r}")
+    if values.get("flow_shift", 1.0) <= 0:
+        raise InvalidInputError(f"scheduler option flow_shift must be > 0, got {values['flow_shift']!r}")
     terminal = values.get("shift_terminal")
     if terminal and not 0 < terminal < 1:  # diffusers stretches the sigmas to end at it (0/None: no stretch)
         raise InvalidInputError(f"scheduler option shift_terminal must be in (0, 1), got {terminal!r}")

@@ -2,12 +2,17 @@
 of Diffusion Probabilistic Models", Alg. 2; k-diffusion's `sample_dpmpp_2m` / `sample_dpmpp_2m_sde`),
 mirroring diffusers' DPMSolverMultistepScheduler. Also the multistep timestep/sigma schedule UniPC shares.
 
+With use_flow_sigmas and prediction_type "flow_prediction" (registry name flow-dpm++2m) it samples
+flow-matching models (SD3, Flux): sigmas 1 -> 0 shifted by flow_shift (or exp(mu) with use_dynamic_shifting),
+alpha_t = 1 - sigma, x0 = x - sigma v; the solver itself is unchanged.
+
 The solver works in lambda = log(alpha_t / sigma_t) with data predictions D (x0); its history is the
 previous step's x0 prediction, passed in and returned as the state (k-diffusion's `old_denoised`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +20,7 @@ import numpy as np
 from sdrt.runtime.errors import UnsupportedConfigError
 from sdrt.runtime.schedulers import schedule
 from sdrt.runtime.schedulers.config import SchedulerConfig
+from sdrt.runtime.schedulers.flow import check_flow_mu, flow_strength_start, flow_x0
 from sdrt.runtime.schedulers.parameterization import alpha_x0
 from sdrt.runtime.schedulers.plan import Plan, Solver, draw_noise, frozen, frozen_table, truncate
 from sdrt.runtime.schedulers.sigmas import sigma_alphas_cumprod
@@ -99,12 +105,32 @@ def multistep_schedule(
     return timesteps.astype(np.int64), sigmas
 
 
-def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def alpha_sigma_lambda(sigmas: np.ndarray, flow: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """VP coefficients of each sigma-view noise level, float32 as diffusers:
-    alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t, lambda_t = log alpha_t - log sigma_t."""
-    alpha_t = F32(1.0) / np.sqrt(sigmas * sigmas + F32(1.0))
-    sigma_t = sigmas * alpha_t
+    alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t, lambda_t = log alpha_t - log sigma_t;
+    with flow sigmas (rectified flow) alpha_t = 1 - sigma, sigma_t = sigma."""
+    if flow:
+        alpha_t, sigma_t = F32(1.0) - sigmas, sigmas
+    else:
+        alpha_t = F32(1.0) / np.sqrt(sigmas * sigmas + F32(1.0))
+        sigma_t = sigmas * alpha_t
     return alpha_t, sigma_t, log_f32(alpha_t) - log_f32(sigma_t)
+
+
+def dpm_flow_schedule(config: SchedulerConfig, n: int, mu: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 timesteps, n + 1 float32 sigmas) of DPMSolverMultistepScheduler.set_timesteps(n, mu=) with
+    use_flow_sigmas: 1 - linspace(1, 1/N, n + 1) shifted by flow_shift (exp(mu) when given), reversed, the 0 dropped;
+    the final sigma is 0 or, with "sigma_min", the training table's smallest VP sigma, as diffusers."""
+    check_flow_mu(config, mu)
+    flow_shift = np.exp(mu) if mu is not None else config.flow_shift
+    sigmas = 1.0 - np.linspace(1, 1 / config.num_train_timesteps, n + 1)
+    sigmas = np.flip(flow_shift * sigmas / (1 + (flow_shift - 1) * sigmas))[:-1]
+    timesteps = (sigmas * config.num_train_timesteps).astype(np.int64)
+    if config.final_sigmas_type == "sigma_min":
+        final_sigma = float(schedule.discrete_sigmas(sigma_alphas_cumprod(config))[0])
+    else:
+        final_sigma = 0.0
+    return timesteps, np.concatenate([sigmas, [final_sigma]]).astype(F32)
 
 
 def clipped_last_timestep(config: SchedulerConfig) -> int:
@@ -117,8 +143,9 @@ def clipped_last_timestep(config: SchedulerConfig) -> int:
 
 
 def multistep_plan(config: SchedulerConfig, timesteps: np.ndarray, sigmas: np.ndarray, coefficients) -> Plan:
-    """A Plan of a multistep solver in the VP view: unscaled UNet input, add_noise = alpha_t x0 + sigma_t noise."""
-    alpha_t, sigma_t, _ = alpha_sigma_lambda(sigmas[:-1])
+    """A Plan of a multistep solver in the VP (or flow) view: unscaled model input, add_noise = alpha_t x0 +
+    sigma_t noise."""
+    alpha_t, sigma_t, _ = alpha_sigma_lambda(sigmas[:-1], config.use_flow_sigmas)
     return Plan(
         solver=config.class_name,
         num_inference_steps=len(timesteps),
@@ -147,16 +174,20 @@ class DPMCoefficients:
     stochastic: bool
 
 
-def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int) -> Plan:
+def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int,
+              mu: float | None = None) -> Plan:
     n = num_inference_steps
-    timesteps, sigmas = multistep_schedule(
-        config,
-        n,
-        clipped_last_timestep(config),
-        round_karras=config.beta_schedule != "squaredcos_cap_v2",
-        final_from_converted=False,
-    )
-    alpha, sigma, lam = alpha_sigma_lambda(sigmas)
+    if config.use_flow_sigmas:
+        timesteps, sigmas = dpm_flow_schedule(config, n, mu)
+    else:
+        timesteps, sigmas = multistep_schedule(
+            config,
+            n,
+            clipped_last_timestep(config),
+            round_karras=config.beta_schedule != "squaredcos_cap_v2",
+            final_from_converted=False,
+        )
+    alpha, sigma, lam = alpha_sigma_lambda(sigmas, config.use_flow_sigmas)
     alpha_s, sigma_s, lambda_s = alpha[:-1], sigma[:-1], lam[:-1]
     alpha_t, sigma_t, lambda_t = alpha[1:], sigma[1:], lam[1:]
     lambda_prev = np.concatenate([[F32(np.nan)], lambda_s[:-1]]).astype(F32)  # lambda at the previous evaluation
@@ -207,7 +238,10 @@ def step(
     """DPM-Solver++(2M): first order (DDIM) without history, else the two-step data-prediction update.
     The state is the previous x0 prediction (None before the first step)."""
     c = plan.coefficients
-    denoised = alpha_x0(plan.prediction_type, model_output, sample, c.alpha[i], c.sigma[i])
+    if plan.prediction_type == "flow_prediction":
+        denoised = flow_x0(model_output, sample, c.sigma[i])
+    else:
+        denoised = alpha_x0(plan.prediction_type, model_output, sample, c.alpha[i], c.sigma[i])
     noise = draw_noise(rng, model_output.shape, plan.solver) if c.stochastic else None
     prev_sample = c.sample_coef[i] * sample + c.d0_coef[i] * denoised
     if old_denoised is not None and not c.first_order[i]:
@@ -240,4 +274,24 @@ DPM_SOLVER = Solver(
         "use_flow_sigmas": (False,),
         "use_dynamic_shifting": (False,),
     },
+)
+
+# Flow matching (SD3, Flux): DPMSolverMultistepScheduler.from_config(config, use_flow_sigmas=True,
+# prediction_type="flow_prediction", flow_shift=...); the registry maps a FlowMatch config's shift to flow_shift.
+DPM_SOLVER_FLOW = dataclasses.replace(
+    DPM_SOLVER,
+    implemented={
+        **DPM_SOLVER.implemented,
+        "use_flow_sigmas": (True,),
+        "prediction_type": ("flow_prediction",),
+        "use_dynamic_shifting": (False, True),
+        "time_shift_type": ("exponential",),  # diffusers asserts it when mu is given
+        # diffusers would convert VP sigmas with the flow formulas: nonsense for either model
+        "use_karras_sigmas": (False,),
+        "use_exponential_sigmas": (False,),
+        "use_lu_lambdas": (False,),
+    },
+    strength_start=flow_strength_start,
+    flow=True,
+    schedule_options=frozenset({"mu"}),
 )

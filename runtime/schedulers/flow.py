@@ -60,6 +60,29 @@ def flow_strength_start(num_inference_steps: int, strength: float) -> int:
     return int(max(n - min(n * strength, n), 0))
 
 
+def flow_x0(model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+    """x0 from the velocity v = noise - x0 at x = (1 - sigma) x0 + sigma noise: x0 = x - sigma v (diffusers'
+    prediction_type "flow_prediction" in the multistep solvers)."""
+    return sample - sigma * model_output
+
+
+def check_flow_mu(config: SchedulerConfig, mu: float | None) -> None:
+    """mu is required with use_dynamic_shifting and refused without it (it would change nothing)."""
+    if config.use_dynamic_shifting and mu is None:
+        raise InvalidInputError("this scheduler config has use_dynamic_shifting: pass mu (flow.flux_mu(image_seq_len, "
+                                "config) gives the value diffusers' pipelines compute from the image size)")
+    if not config.use_dynamic_shifting and mu is not None:
+        shift = config.flow_shift if config.use_flow_sigmas else config.shift
+        raise InvalidInputError(f"mu={mu} applies only with use_dynamic_shifting; this config shifts by "
+                                f"{'flow_shift' if config.use_flow_sigmas else 'shift'}={shift}: leave mu out")
+
+
+def check_flow_sigmas(sigmas: np.ndarray | None) -> None:
+    """Caller's flow sigmas must be noise levels in (0, 1]."""
+    if sigmas is not None and not np.all((sigmas > 0) & (sigmas <= 1)):
+        raise InvalidInputError(f"flow-matching sigmas must lie in (0, 1], got {list(sigmas)}")
+
+
 def _training_sigma_range(config: SchedulerConfig) -> tuple[float, float]:
     """(sigma_max, sigma_min) of diffusers' __init__ table, float32 linspace(1, N, N) / N, shifted there
     already when the shift is static (set_timesteps then shifts again, as diffusers does)."""

@@ -5,16 +5,23 @@ diffusers' UniPCMultistepScheduler.
 Each step first corrects the sample the previous step predicted (UniC, using the new model
 output), then predicts the next one (UniP). The state carries what that needs: the sample before
 the last prediction, the last two x0 predictions and the order the last prediction used.
+
+With use_flow_sigmas and prediction_type "flow_prediction" (registry name flow-unipc) it samples
+flow-matching models (SD3, Flux, Wan): sigmas linspace(1, 1/N, n) (or the caller's), shifted by flow_shift or,
+with use_dynamic_shifting, by mu as flow-euler; alpha_t = 1 - sigma, x0 = x - sigma v.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.schedulers.config import SchedulerConfig
 from sdrt.runtime.schedulers.dpmsolver import alpha_sigma_lambda, expm1_f32, multistep_plan, multistep_schedule
+from sdrt.runtime.schedulers.flow import _time_shift, check_flow_mu, check_flow_sigmas, flow_strength_start, flow_x0
 from sdrt.runtime.schedulers.parameterization import alpha_x0
 from sdrt.runtime.schedulers.plan import Plan, Solver, frozen, frozen_table, truncate
 
@@ -56,12 +63,45 @@ def solve_2x2_f32(rk: np.float32, b1: np.float32, b2: np.float32) -> tuple[np.fl
     return x1, x2
 
 
-def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int) -> Plan:
+def unipc_flow_schedule(config: SchedulerConfig, n: int, sigmas: np.ndarray | None,
+                        mu: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 timesteps, n + 1 float32 sigmas) of UniPCMultistepScheduler.set_timesteps(n, sigmas=, mu=) with
+    use_flow_sigmas: linspace(1, 1/N, n + 1)[:-1] (or the caller's), shifted by mu (use_dynamic_shifting) or
+    flow_shift, stretched to shift_terminal, a first sigma of 1 lowered by 1e-6 (log(alpha) stays finite)."""
+    check_flow_mu(config, mu)
+    check_flow_sigmas(sigmas)
+    N = config.num_train_timesteps
+    s = np.linspace(1, 1 / N, n + 1)[:-1] if sigmas is None else np.array(sigmas, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if config.use_dynamic_shifting:
+            s = _time_shift(config, mu, s)
+        else:
+            s = config.flow_shift * s / (1 + (config.flow_shift - 1) * s)
+        if config.shift_terminal:  # stretch to end at shift_terminal (LTX-Video), as flow-euler
+            one_minus_s = 1 - s
+            s = 1 - one_minus_s / (one_minus_s[-1] / (1 - config.shift_terminal))
+    s = np.array(s, dtype=np.float64)
+    if not np.all(np.isfinite(s)):  # where diffusers' schedule is NaN
+        raise InvalidInputError(
+            f"this flow schedule is not finite: shift_terminal={config.shift_terminal} needs a last unshifted "
+            f"sigma below 1 (2 steps or more), the linear time shift a positive mu (got mu={mu})")
+    if abs(s[0] - 1) < 1e-6:
+        s[0] -= 1e-6
+    timesteps = (s * N).astype(np.int64)
+    final_sigma = s[-1] if config.final_sigmas_type == "sigma_min" else 0.0
+    return timesteps, np.concatenate([s, [final_sigma]]).astype(F32)
+
+
+def make_plan(config: SchedulerConfig, num_inference_steps: int, eta: float, start: int,
+              sigmas: np.ndarray | None = None, mu: float | None = None) -> Plan:
     n = num_inference_steps
-    timesteps, sigmas = multistep_schedule(
-        config, n, config.num_train_timesteps, round_karras=True, final_from_converted=True
-    )
-    alpha, sigma, lam = alpha_sigma_lambda(sigmas)
+    if config.use_flow_sigmas:
+        timesteps, sigmas = unipc_flow_schedule(config, n, sigmas, mu)
+    else:
+        timesteps, sigmas = multistep_schedule(
+            config, n, config.num_train_timesteps, round_karras=True, final_from_converted=True
+        )
+    alpha, sigma, lam = alpha_sigma_lambda(sigmas, config.use_flow_sigmas)
     alpha_t, lambda_s, lambda_t = alpha[1:], lam[:-1], lam[1:]
     lambda_prev = np.concatenate([[F32(np.nan)], lambda_s[:-1]]).astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):  # the final sigma may be 0: lambda_t = inf
@@ -102,7 +142,10 @@ def step(
 ) -> tuple[np.ndarray, UniPCState]:
     """UniC on the last prediction (when there is one), then UniP to the next noise level."""
     c = plan.coefficients
-    m = alpha_x0(plan.prediction_type, model_output, sample, c.alpha[i], c.sigma[i])
+    if plan.prediction_type == "flow_prediction":
+        m = flow_x0(model_output, sample, c.sigma[i])
+    else:
+        m = alpha_x0(plan.prediction_type, model_output, sample, c.alpha[i], c.sigma[i])
     history: tuple[np.ndarray, ...] = ()
     if state is not None:
         history = state.model_outputs
@@ -154,4 +197,22 @@ UNIPC = Solver(
         "use_dynamic_shifting": (False,),
         "shift_terminal": (None,),
     },
+)
+
+# Flow matching (SD3, Flux, Wan): UniPCMultistepScheduler.from_config(config, use_flow_sigmas=True,
+# prediction_type="flow_prediction", flow_shift=...); the registry maps a FlowMatch config's shift to flow_shift.
+UNIPC_FLOW = dataclasses.replace(
+    UNIPC,
+    implemented={
+        **{k: v for k, v in UNIPC.implemented.items() if k != "shift_terminal"},
+        "use_flow_sigmas": (True,),
+        "prediction_type": ("flow_prediction",),
+        "use_dynamic_shifting": (False, True),
+        # Karras / exponential flow sigmas are not implemented in sdrt yet
+        "use_karras_sigmas": (False,),
+        "use_exponential_sigmas": (False,),
+    },
+    strength_start=flow_strength_start,
+    flow=True,
+    schedule_options=frozenset({"sigmas", "mu"}),
 )
