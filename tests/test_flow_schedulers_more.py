@@ -246,6 +246,9 @@ def test_names_and_class_defaults():
     reference = FlowMatchHeunDiscreteScheduler().config
     assert dict(solver.class_defaults) == {k: v for k, v in reference.items() if not k.startswith("_")}
     assert registry.load_scheduler(SD3, "flow-heun").evaluations_per_step == 2
+    heun_file = dict(FlowMatchHeunDiscreteScheduler.from_config(SD3).config)
+    assert load_scheduler({k: v for k, v in heun_file.items() if k != "_use_default_values"}).name == "flow-heun"
+    assert load_scheduler(SD3).name == "flow-euler"  # the FlowMatch Euler file still picks flow-euler
 
 
 def test_flow_euler_config_maps_to_dpm_as_diffusers_from_config():
