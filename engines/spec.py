@@ -17,6 +17,9 @@ BATCH, SEQUENCE = "batch", "sequence"
 HEIGHT, WIDTH = "height", "width"
 LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
 DOWNSCALES = (2, 4, 8, 16, 32)  # "latent_height/2" ...: a UNet's down blocks' resolutions
+LATENT_TOKENS = "latent_tokens"  # Flux's 2x2-packed latents: (latent_height / 2) * (latent_width / 2) tokens
+# The diffusion transformers (DiT) a folder's transformer/config.json names, and their family.
+SD3_TRANSFORMER, FLUX_TRANSFORMER = "SD3Transformer2DModel", "FluxTransformer2DModel"
 CONTROL_RESIDUALS = "sdrt_control_residuals"  # unet config.json key: the UNet takes ControlNet residuals
 
 
@@ -122,6 +125,7 @@ class NetworkSpec:
         for k in DOWNSCALES:  # the UNet's lower resolutions (ControlNet residuals): stride-2 convs round up
             dims[f"{LATENT_HEIGHT}/{k}"] = -(-dims[LATENT_HEIGHT] // k)
             dims[f"{LATENT_WIDTH}/{k}"] = -(-dims[LATENT_WIDTH] // k)
+        dims[LATENT_TOKENS] = (dims[LATENT_HEIGHT] // 2) * (dims[LATENT_WIDTH] // 2)
         return dims
 
     def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -143,6 +147,7 @@ class NetworkSpec:
 
 
 NORMED_HIDDEN_STATES = "sdrt_normed_hidden_states"  # config.json key: the encoder has normed_hidden_states outputs
+TEXT_EMBEDS = "sdrt_text_embeds"  # config.json key: the encoder's pooled output is its projection (text_embeds)
 
 
 def text_encoder_spec(name: str, hidden_size: int, *, projection_dim: int | None = None,
@@ -184,6 +189,45 @@ def unet_spec(in_channels: int, out_channels: int, cross_attention_dim: int, *,
     inputs += residuals or []
     outputs = (TensorSpec("out_sample", "float32", (BATCH, out_channels, LATENT_HEIGHT, LATENT_WIDTH)),)
     return NetworkSpec("unet", tuple(inputs), outputs, vae_scale_factor)
+
+
+def t5_encoder_spec(name: str, d_model: int) -> NetworkSpec:
+    """T5 encoder (SD3's text_encoder_3, Flux's text_encoder_2): token ids -> last hidden state, as optimum names it."""
+    return NetworkSpec(name, (TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),),
+                       (TensorSpec("last_hidden_state", "float32", (BATCH, SEQUENCE, d_model)),))
+
+
+def is_t5(config: Mapping) -> bool:
+    """A T5 encoder's config.json (transformers' T5Config), not CLIP's."""
+    return config.get("model_type") in ("t5", "umt5") or "d_model" in config
+
+
+def transformer_kind(config: Mapping) -> str | None:
+    """"sd3" or "flux" for a diffusion transformer's config.json, None for anything else."""
+    return {SD3_TRANSFORMER: "sd3", FLUX_TRANSFORMER: "flux"}.get(config.get("_class_name"))
+
+
+def transformer_spec(config: Mapping, *, vae_scale_factor: int = 8) -> NetworkSpec:
+    """A diffusion transformer, with optimum's input names. SD3's MMDiT takes the latents as they are (it patchifies
+    them itself) and the timestep as the scheduler gives it (sigma x 1000); Flux's takes them packed 2x2 into tokens
+    with their positions (img_ids; txt_ids for the text, zeros), the timestep / 1000 and, when distilled ("dev"),
+    the guidance scale. The runtime packs and scales (sdrt.runtime.families.dit)."""
+    joint, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
+    text = [TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, joint)),
+            TensorSpec("pooled_projections", "float32", (BATCH, pooled)),
+            TensorSpec("timestep", "float32", (BATCH,))]
+    if transformer_kind(config) == "sd3":
+        channels, out = config["in_channels"], config.get("out_channels") or config["in_channels"]
+        inputs = [TensorSpec("hidden_states", "float32", (BATCH, channels, LATENT_HEIGHT, LATENT_WIDTH)), *text]
+        outputs = (TensorSpec("out_hidden_states", "float32", (BATCH, out, LATENT_HEIGHT, LATENT_WIDTH)),)
+    else:
+        channels, out = config["in_channels"], config.get("out_channels") or config["in_channels"]
+        inputs = [TensorSpec("hidden_states", "float32", (BATCH, LATENT_TOKENS, channels)), *text,
+                  TensorSpec("img_ids", "float32", (LATENT_TOKENS, 3)), TensorSpec("txt_ids", "float32", (SEQUENCE, 3))]
+        if config.get("guidance_embeds"):
+            inputs.append(TensorSpec("guidance", "float32", (BATCH,)))
+        outputs = (TensorSpec("out_hidden_states", "float32", (BATCH, LATENT_TOKENS, out)),)
+    return NetworkSpec("transformer", tuple(inputs), outputs, vae_scale_factor)
 
 
 def controlnet_spec(config: Mapping) -> NetworkSpec:
@@ -250,8 +294,15 @@ def vae_scale_factor(vae_config: Mapping) -> int:
 def spec_for(component: str, config: Mapping, *, vae_config: Mapping | None = None) -> NetworkSpec:
     """The spec of a component folder from its diffusers/transformers config.json."""
     factor = vae_scale_factor(vae_config) if vae_config is not None else 8
-    if component in ("text_encoder", "text_encoder_2"):
-        projection = config.get("projection_dim") if component == "text_encoder_2" else None
+    if component in ("text_encoder", "text_encoder_2", "text_encoder_3") and is_t5(config):
+        return t5_encoder_spec(component, config["d_model"])
+    if component == "transformer":
+        return transformer_spec(config, vae_scale_factor=factor)
+    if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        # The pooled output: the projection's text_embeds (SDXL's second encoder, SD3's both), else pooler_output.
+        with_projection = component == "text_encoder_2" or "CLIPTextModelWithProjection" in config.get(
+            "architectures", ()) or config.get(TEXT_EMBEDS, False)
+        projection = config.get("projection_dim") if with_projection else None
         # As optimum marks SDXL's encoders: every layer's hidden states are outputs (clip skip reads them).
         layers = config["num_hidden_layers"] if config.get("output_hidden_states") else None
         # sdrt's exports of SD 1.x/2.x encoders: the earlier layers through the final norm (clip skip).
@@ -294,5 +345,11 @@ def _cross_attention_dim(config: Mapping) -> int:
 
 
 def latent_multiple(unet_config: Mapping) -> int:
-    """Latent sizes must be multiples of this: 2^(number of upsampling blocks) in the UNet."""
+    """Latent sizes must be multiples of this: 2^(number of upsampling blocks) in the UNet; a transformer's patch
+    (SD3), or Flux's 2x2 packing."""
+    kind = transformer_kind(unet_config)
+    if kind == "sd3":
+        return int(unet_config.get("patch_size", 2))
+    if kind == "flux":
+        return 2 * int(unet_config.get("patch_size", 1))
     return 2 ** (len(unet_config.get("up_block_types", ())) - 1)

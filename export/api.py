@@ -14,15 +14,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, latent_multiple, spec_for, vae_scale_factor
-from sdrt.export.checkpoint import controlnet_folders, load_module, open_checkpoint
+from sdrt.engines.spec import CONTROL_RESIDUALS, NORMED_HIDDEN_STATES, TEXT_EMBEDS, latent_multiple, spec_for, \
+    vae_scale_factor
+from sdrt.export.checkpoint import DIT_FAMILIES, controlnet_folders, load_module, open_checkpoint
 from sdrt.export.errors import ExportError, MissingExtraError, OutputExistsError, UnsupportedModelError
 from sdrt.export.folder import copy_tokenizer, staging, write_manifest
 from sdrt.export import single_file
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-                 "vae_decoder": "vae", "vae_encoder": "vae"}
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
+SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+                 "unet": "unet", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 MIN_OPSET = 18  # torch's dynamo exporter writes an invalid UNet at opset 17
 FORMAT_VERSION = 1
 
@@ -69,6 +71,11 @@ def exported_config(name: str, ckpt) -> dict:
     """The component's config.json as exported: SDXL's are marked as optimum marks them (text encoders
     give every layer's hidden states; the UNet names the pooled width and whether it takes an aesthetic score)."""
     config = ckpt.config(SOURCE_FOLDER[name])
+    if ckpt.family in DIT_FAMILIES:
+        if ckpt.family == "stable-diffusion-3" and name in ("text_encoder", "text_encoder_2"):
+            # SD3 reads the penultimate layer (or earlier: clip_skip) and the projection's text_embeds
+            return dict(config, output_hidden_states=True, **{TEXT_EMBEDS: True})
+        return config
     if name == "unet":  # every UNet takes ControlNet residuals (zeros without one): engines.spec.residual_inputs
         config = dict(config, **{CONTROL_RESIDUALS: True})
     if ckpt.family != "stable-diffusion-xl":
@@ -81,6 +88,14 @@ def exported_config(name: str, ckpt) -> dict:
         return dict(config, text_encoder_projection_dim=ckpt.config("text_encoder_2")["projection_dim"],
                     requires_aesthetics_score=bool(ckpt.index.get("requires_aesthetics_score", False)))
     return config
+
+
+def is_t5_tokenizer(folder: Path) -> bool:
+    """A SentencePiece (T5) tokenizer folder, not a CLIP BPE one."""
+    if (folder / "spiece.model").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and "T5" in str(json.loads(config.read_text()).get("tokenizer_class", ""))
 
 
 def validation_dims(spec, unet_config: dict, factor: int) -> list[dict]:
@@ -152,7 +167,8 @@ def _export_folder(src: str | Path, out: Path, *, opset: int, components: Iterab
     needed = [c for c in available if c not in ("vae_encoder",)]
     if any(c not in selected for c in needed):
         log(f"note: a folder without {', '.join(needed)} cannot generate images")
-    unet_config, vae_config = ckpt.config("unet"), ckpt.config("vae")
+    unet_config = ckpt.config("transformer" if ckpt.family in DIT_FAMILIES else "unet")
+    vae_config = ckpt.config("vae")
     factor = vae_scale_factor(vae_config)
 
     manifest = {
@@ -175,9 +191,14 @@ def _export_folder(src: str | Path, out: Path, *, opset: int, components: Iterab
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         if prediction_type is not None:
             single_file.set_scheduler_option(tmp, "prediction_type", prediction_type)
-        for tokenizer in ("tokenizer", "tokenizer_2"):
+        for tokenizer in TOKENIZERS:
             if (ckpt.path / tokenizer).is_dir():
-                copy_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)
+                if is_t5_tokenizer(ckpt.path / tokenizer):
+                    from sdrt.export.t5_assets import copy_t5_tokenizer
+
+                    copy_t5_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)
+                else:
+                    copy_tokenizer(ckpt.path / tokenizer, tmp / tokenizer)
         for i, name in enumerate(selected, 1):
             config = exported_config(name, ckpt)
             spec = spec_for(name, config, vae_config=vae_config)

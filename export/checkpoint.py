@@ -28,12 +28,22 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLControlNetPipeline": "stable-diffusion-xl",
     "StableDiffusionXLControlNetImg2ImgPipeline": "stable-diffusion-xl",
     "StableDiffusionXLControlNetInpaintPipeline": "stable-diffusion-xl",
+    # Diffusion transformers with flow matching (sdrt.runtime.families.dit)
+    "StableDiffusion3Pipeline": "stable-diffusion-3",
+    "StableDiffusion3Img2ImgPipeline": "stable-diffusion-3",
+    "StableDiffusion3InpaintPipeline": "stable-diffusion-3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux",
 }
+DIT_FAMILIES = ("stable-diffusion-3", "flux")
 FIRST_ENCODER_FOLDERS = ("text_encoder", "tokenizer")  # every checkpoint's but the SDXL refiner's
 SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL checkpoint has beyond SD's folders
 LATER = {
-    "StableDiffusion3Pipeline": "SD3 (a transformer, not a UNet) is not supported",
-    "FluxPipeline": "Flux (a transformer, not a UNet) is not supported",
+    "FluxControlNetPipeline": "Flux ControlNets are not supported yet",
+    "StableDiffusion3ControlNetPipeline": "SD3 ControlNets are not supported yet",
+    "FluxKontextPipeline": "Flux Kontext is not supported yet",
+    "FluxFillPipeline": "Flux Fill is not supported yet",
 }
 
 
@@ -81,6 +91,8 @@ def _read_json(path: Path) -> dict:
 def _required_folders(family: str, index: dict) -> tuple[str, ...]:
     """The component folders a checkpoint of `family` must have. An SDXL checkpoint whose index names no first
     text encoder (text_encoder: [null, null], as the SDXL refiner's) has only the second encoder and tokenizer."""
+    if family in DIT_FAMILIES:  # SD3 may lack its T5 (text_encoder_3: null), as diffusers allows
+        return ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     folders = ("unet", "vae", "scheduler")
     if family != "stable-diffusion-xl":
         return folders + FIRST_ENCODER_FOLDERS
@@ -127,8 +139,9 @@ def controlnet_folders(checkpoint: Checkpoint) -> list[str]:
 def load_module(checkpoint: Checkpoint, subfolder: str):
     """Load one torch module in fp32, refusing it unless every weight loaded from the file."""
     import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, AutoencoderTiny, FluxTransformer2DModel, SD3Transformer2DModel, \
+        UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     library, cls_name = checkpoint.index.get(subfolder, [None, None])
     classes = {
@@ -137,6 +150,9 @@ def load_module(checkpoint: Checkpoint, subfolder: str):
         "AutoencoderTiny": AutoencoderTiny,
         "CLIPTextModel": CLIPTextModel,
         "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+        "SD3Transformer2DModel": SD3Transformer2DModel,
+        "FluxTransformer2DModel": FluxTransformer2DModel,
+        "T5EncoderModel": T5EncoderModel,
     }
     if cls_name not in classes:
         raise UnsupportedModelError(f"{subfolder}: module class {cls_name} is not supported")

@@ -107,6 +107,47 @@ UNET_WRAPPERS = {
 }
 
 
+class T5EncoderWrapper(torch.nn.Module):
+    """T5 encoder (SD3, Flux): token ids -> last hidden state (no attention mask: the pipelines pass none)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+def _cropped_pos_embed(self, height, width):
+    """SD3's PatchEmbed.cropped_pos_embed, the same rows and columns taken by index: torch's exporter turns the
+    slice [(m - w) // 2 : (m - w) // 2 + w] into one that is a column too wide when w is odd (a latent side of
+    2 mod 4, e.g. 720 px), and the graph then fails to broadcast."""
+    m, p = self.pos_embed_max_size, self.patch_size
+    h, w = height // p, width // p
+    grid = self.pos_embed.reshape(1, m, m, -1)
+    rows = torch.arange(h, device=grid.device) + (m - h) // 2
+    cols = torch.arange(w, device=grid.device) + (m - w) // 2
+    grid = grid.index_select(1, rows).index_select(2, cols)
+    return grid.reshape(1, -1, grid.shape[-1])
+
+
+class TransformerWrapper(torch.nn.Module):
+    """SD3's or Flux's transformer, inputs by the spec's names (engines.spec.transformer_spec)."""
+
+    def __init__(self, transformer, names):
+        super().__init__()
+        import types
+
+        self.transformer = transformer
+        self.names = list(names)
+        embed = getattr(transformer, "pos_embed", None)
+        if getattr(embed, "pos_embed_max_size", None) and hasattr(embed, "cropped_pos_embed"):
+            embed.cropped_pos_embed = types.MethodType(_cropped_pos_embed, embed)
+
+    def forward(self, *inputs):
+        return self.transformer(**dict(zip(self.names, inputs)), return_dict=False)[0]
+
+
 class VaeDecoderWrapper(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -129,12 +170,16 @@ class VaeEncoderWrapper(torch.nn.Module):
 
 def wrap(component: str, module, spec: NetworkSpec | None = None) -> torch.nn.Module:
     """The torch module whose positional inputs are the spec's inputs, in order."""
+    if component == "transformer":
+        return TransformerWrapper(module, spec.input_names).eval()
+    if component.startswith("text_encoder") and spec is not None and spec.output_names == ["last_hidden_state"]:
+        return T5EncoderWrapper(module).eval()
     if component == "unet":
         extra = tuple(spec.input_names[3:]) if spec is not None else ()
         if "mid_block_additional_residual" in extra:
             return UNetControlWrapper(module, spec.input_names).eval()
         return UNET_WRAPPERS[extra](module).eval()
-    if component in ("text_encoder", "text_encoder_2") and spec is not None and \
+    if component.startswith("text_encoder") and spec is not None and \
             any(name.startswith("hidden_states.") for name in spec.output_names):
         return TextEncoderHiddenStatesWrapper(module).eval()
     if component == "text_encoder" and spec is not None and \

@@ -15,11 +15,15 @@ from sdrt.runtime.errors import InvalidInputError, ModelFolderError, Unsupported
 from sdrt.runtime import schema
 
 # vae_tiny_*: an optional tiny autoencoder (TAESD) beside the full VAE, added by `sdrt export-taesd`.
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder",
               "vae_tiny_decoder", "vae_tiny_encoder")
-REQUIRED = ("unet", "vae_decoder")
-# Beyond REQUIRED; an SDXL folder may lack the first text encoder (the SDXL refiner has only the second).
-FAMILY_REQUIRED = {"stable-diffusion-xl": ("text_encoder_2",)}
+REQUIRED = ("vae_decoder",)
+# The diffusion-transformer families (their denoiser is transformer/, not unet/).
+DIT_FAMILIES = ("stable-diffusion-3", "flux")
+# Beyond REQUIRED and the denoiser; an SDXL folder may lack the first text encoder (the SDXL refiner has only the
+# second); an SD3 folder may lack its T5 (text_encoder_3), as diffusers allows.
+FAMILY_REQUIRED = {"stable-diffusion-xl": ("text_encoder_2",), "stable-diffusion-3": ("text_encoder", "text_encoder_2"),
+                   "flux": ("text_encoder", "text_encoder_2")}
 FAMILY_REQUIRED_DEFAULT = ("text_encoder",)
 PIPELINES = {"StableDiffusionPipeline": "stable-diffusion", "ORTStableDiffusionPipeline": "stable-diffusion"}
 PIPELINES["LatentConsistencyModelPipeline"] = PIPELINES["ORTLatentConsistencyModelPipeline"] = "latent-consistency"
@@ -30,6 +34,9 @@ for _name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "
 for _task in ("", "Img2Img", "Inpaint"):
     PIPELINES[f"StableDiffusionControlNet{_task}Pipeline"] = "stable-diffusion"
     PIPELINES[f"StableDiffusionXLControlNet{_task}Pipeline"] = "stable-diffusion-xl"
+for _task in ("", "Img2Img", "Inpaint"):
+    PIPELINES[f"StableDiffusion3{_task}Pipeline"] = PIPELINES[f"ORTStableDiffusion3{_task}Pipeline"] = "stable-diffusion-3"
+    PIPELINES[f"Flux{_task}Pipeline"] = PIPELINES[f"ORTFlux{_task}Pipeline"] = "flux"
 
 
 VERIFY_MODES = ("none", "size", "sha256")
@@ -100,7 +107,10 @@ class ModelFolder:
                 f"{path}: pipeline {cls_name} is not supported by this runtime (supported: {', '.join(PIPELINES)})"
             )
         components = tuple(c for c in COMPONENTS if (path / c / "model.onnx").is_file())
-        missing = [c for c in REQUIRED + FAMILY_REQUIRED.get(PIPELINES[cls_name], FAMILY_REQUIRED_DEFAULT) if c not in components]
+        family = PIPELINES[cls_name]
+        denoiser = ("transformer",) if family in DIT_FAMILIES else ("unet",)
+        missing = [c for c in denoiser + REQUIRED + FAMILY_REQUIRED.get(family, FAMILY_REQUIRED_DEFAULT)
+                   if c not in components]
         if missing:
             raise ModelFolderError(f"{path} lacks {', '.join(c + '/model.onnx' for c in missing)}; re-run sdrt export")
         configs = {c: schema.check_config(c, read_json(path / c / "config.json"), path / c / "config.json")
@@ -154,8 +164,14 @@ class ModelFolder:
         return VaeConfig.from_dict(self.configs["vae_decoder"])
 
     @property
+    def denoiser(self) -> str:
+        """The component that denoises: "transformer" (SD3, Flux) or "unet"."""
+        return "transformer" if self.family in DIT_FAMILIES else "unet"
+
+    @property
     def unet_config(self) -> dict:
-        return self.configs["unet"]
+        """The denoiser's config.json (the UNet's, or the transformer's)."""
+        return self.configs[self.denoiser]
 
     @property
     def scheduler_config(self) -> dict:
@@ -172,7 +188,9 @@ class ModelFolder:
 
     @property
     def default_size(self) -> int:
-        return int(self.unet_config.get("sample_size", 64)) * self.vae.scale_factor
+        # FluxPipeline's default_sample_size is 128 (its transformer's config has no sample_size)
+        default = 128 if self.family == "flux" else 64
+        return int(self.unet_config.get("sample_size", default)) * self.vae.scale_factor
 
     def spec(self, component: str) -> NetworkSpec:
         return spec_for(component, self.configs[component], vae_config=self.configs["vae_decoder"])

@@ -62,7 +62,13 @@ VAE = {"latent_channels": "positive int", "scaling_factor": "number", "shift_fac
        "block_out_channels": "ints", "in_channels": "positive int", "out_channels": "positive int"}
 TEXT = {"hidden_size": "positive int", "num_hidden_layers": "positive int", "vocab_size": "positive int",
         "max_position_embeddings": "positive int", "projection_dim": "int or ints or null"}
-FIELDS = {"unet": (UNET, ("block_out_channels",)), "vae_decoder": (VAE, ("latent_channels",)),
+TRANSFORMER = {"in_channels": "positive int", "out_channels": "int or ints or null", "patch_size": "positive int",
+               "joint_attention_dim": "positive int", "pooled_projection_dim": "positive int",
+               "sample_size": "int or ints", "guidance_embeds": "bool"}
+T5 = {"d_model": "positive int", "vocab_size": "positive int"}
+FIELDS = {"unet": (UNET, ("block_out_channels",)),
+          "transformer": (TRANSFORMER, ("_class_name", "in_channels", "joint_attention_dim", "pooled_projection_dim")),
+          "text_encoder_3": (T5, ()), "vae_decoder": (VAE, ("latent_channels",)),
           "vae_encoder": (VAE, ("latent_channels",)), "text_encoder": (TEXT, ()), "text_encoder_2": (TEXT, ()),
           "taesd_decoder": (VAE, ()), "taesd_encoder": (VAE, ())}
 

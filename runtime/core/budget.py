@@ -109,6 +109,19 @@ def unet_activations(config: dict, rows: int, latent_h: int, latent_w: int, fuse
     return int(features + scores)
 
 
+def transformer_activations(config: dict, rows: int, latent_h: int, latent_w: int, text_tokens: int, fused: bool,
+                            arena: bool = True) -> int:
+    """A diffusion transformer (SD3, Flux): its joint attention over image and text tokens, scores unfused, and
+    the token features of a block (hidden width = heads x head width; the MLP 4x wider)."""
+    patch = 2 if config.get("_class_name") == "FluxTransformer2DModel" else int(config.get("patch_size", 2))
+    tokens = -(-latent_h // patch) * -(-latent_w // patch) + text_tokens
+    heads = int(config.get("num_attention_heads") or 24)
+    width = heads * int(config.get("attention_head_dim") or 64)
+    features = FEATURE_COPIES * rows * tokens * 4 * width * FLOAT
+    scores = 0 if fused else SCORE_COPIES[arena] * rows * heads * tokens * tokens * FLOAT
+    return int(features + scores)
+
+
 def decoder_activations(config: dict, height: int, width: int, scale: int, fused: bool, arena: bool = True) -> int:
     """One image (or tile) through the VAE decoder: its widest feature map, and its mid-block attention (one
     head, at latent resolution) where unfused."""
@@ -130,7 +143,9 @@ def estimate(run, height: int | None = None, width: int | None = None) -> Estima
     scale = folder.vae.scale_factor
     latent_h, latent_w = -(-height // scale), -(-width // scale)
     rows = run.batch * (2 if run.guidance.enabled and run.cfg_mode != "sequential" else 1)
-    loaded = [c for c in ("text_encoder", "text_encoder_2", "unet") if getattr(models, c, None) is not None]
+    denoiser = folder.denoiser
+    loaded = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(models, c, None) is not None]
+    loaded.append(denoiser)
     loaded.append(models.vae_choice.decoder)
     if models.vae_encoder is not None:
         loaded.append(models.vae_choice.encoder)
@@ -140,14 +155,19 @@ def estimate(run, height: int | None = None, width: int | None = None) -> Estima
     tile = run.vae_tiling.size if run.vae_tiling is not None else None
     dh, dw = (min(tile, height), min(tile, width)) if tile else (height, width)
     arena = not models.low_memory  # low-memory sessions run without onnxruntime's arena
-    unet = unet_activations(folder.unet_config, rows, latent_h, latent_w, fused, arena)
+    if denoiser == "transformer":
+        unet = transformer_activations(folder.unet_config, rows, latent_h, latent_w, run.family.text_tokens(run.request),
+                                       fused, arena)
+    else:
+        unet = unet_activations(folder.unet_config, rows, latent_h, latent_w, fused, arena)
     unet += sum(unet_activations(net.config, rows, latent_h, latent_w, False, arena) for net, _ in models.controlnets)
     decoder = decoder_activations(folder.configs.get("vae_decoder", {}), dh, dw, scale, fused, arena)
     decoder += PREPACKED * weights.get(models.vae_choice.decoder, 0)
     latents = 2 * rows * folder.vae.latent_channels * latent_h * latent_w * FLOAT
     images = run.batch * 3 * height * width * (FLOAT + 1)  # the decoded batch, float and uint8
     if models.low_memory:
-        parts = {"denoising": weights.get("unet", 0) + sum(v for k, v in weights.items() if k.startswith("control"))
+        parts = {"encoding": max((weights.get(c, 0) for c in loaded if c.startswith("text_encoder")), default=0),
+                 "denoising": weights.get(denoiser, 0) + sum(v for k, v in weights.items() if k.startswith("control"))
                  + unet + latents,
                  "decoding": weights.get(models.vae_choice.decoder, 0) + decoder + images}
     else:

@@ -15,13 +15,26 @@ from sdrt.runtime.families import family_class, family_name
 from sdrt.runtime.tasks.handoff import HandOff
 from sdrt.runtime.tasks.inpaint import Inpaint, is_inpainting_unet
 
-ENGINES = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+ENGINES = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "unet",
+           "vae_decoder", "vae_encoder")
+DIT_CLASSES = {"stable-diffusion-3": "sdrt.runtime.sd3's StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline",
+               "flux": "sdrt.runtime.flux's FluxPipeline / FluxImg2ImgPipeline"}
 
 
 def check_folder(folder: ModelFolder, family: str, task, facade: str):
     """The folder's `family` object; UnsupportedConfigError for a folder that another pipeline class runs, saying
     which one."""
     actual = family_name(folder)
+    if family in DIT_CLASSES or actual in DIT_CLASSES:
+        if actual != family:
+            runs = DIT_CLASSES.get(actual, "the pipeline of its family")
+            raise UnsupportedConfigError(
+                f"{folder.path} is a {actual} model ({folder.pipeline}); {facade} runs {family} ones: run it with "
+                f"{runs} (sdrt.runtime.families picks the class; sdrt generate too)")
+        if task is Inpaint:
+            raise UnsupportedConfigError(f"inpainting {actual} models is not supported yet; {folder.path} runs "
+                                         "txt2img and img2img")
+        return family_class(family)(folder)
     channels, latent_channels = folder.unet_config.get("in_channels"), folder.vae.latent_channels
     if task is Inpaint:
         if actual != family:
@@ -106,6 +119,8 @@ class Facade:
         if core is not None and not absent:
             if name in ENGINES or name in ("provider", "low_memory", "engine_options", "vae_choice"):
                 return getattr(core.models, name)
+            if name == "transformer" and core.folder.denoiser == "transformer":
+                return core.models.unet
             if name in ("folder", "scheduler", "scheduler_name", "cfg_mode", "vae_tiling", "models", "emphasis"):
                 return getattr(core, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
@@ -117,7 +132,15 @@ class Facade:
 
     @property
     def uses_text_encoder_2(self) -> bool:
-        return self.family == "stable-diffusion-xl"
+        return self.family in ("stable-diffusion-xl", "stable-diffusion-3", "flux")
+
+    @property
+    def prompt_arguments(self) -> tuple[str, ...]:
+        """The prompt arguments beyond prompt / negative_prompt that this pipeline takes."""
+        return {"stable-diffusion-xl": ("prompt_2", "negative_prompt_2"),
+                "flux": ("prompt_2", "negative_prompt_2"),
+                "stable-diffusion-3": ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+                }.get(self.family, ())
 
     @property
     def is_inpainting_unet(self) -> bool:

@@ -99,7 +99,7 @@ def zero_residuals(run: Run) -> dict:
     if any(getattr(task, "gives_residuals", False) for task in run.tasks):
         return {}
     batch = len(run.conditioning["encoder_hidden_states"])
-    return spec_zero_residuals(run.folder.spec("unet"), batch, run.height, run.width)
+    return spec_zero_residuals(run.folder.spec(run.folder.denoiser), batch, run.height, run.width)
 
 
 class Generator:
@@ -144,7 +144,7 @@ class Generator:
 
     def prepare(self, request: Request, tasks: Sequence) -> Run:
         """1. A Run with every check done (before any engine runs), its plan and its generator."""
-        guidance = Guidance(self.family.guided(request), request.guidance_scale, request.guidance_rescale,
+        guidance = Guidance(self.family.guided(request), self.family.cfg_scale(request), request.guidance_rescale,
                             request.guidance_interval)
         scheduler = self.scheduler if request.scheduler is None else self._scheduler(request.scheduler)
         run = Run(request, self.family, tuple(tasks), self.models, scheduler, guidance, self.cfg_mode,
@@ -276,12 +276,13 @@ def unet_hash(folder: ModelFolder) -> str:
     files' hashes joined when it has external data, as engines.cache.onnx_sha256), read from sdrt.json when it
     records them, else computed once per file change (remembered in the cache folder)."""
     files = (folder.manifest or {}).get("files", {})
-    records = [files.get(f"unet/{name}", {}).get("sha256") for name in ("model.onnx", "model.onnx_data")]
-    onnx_data = (folder.path / "unet" / "model.onnx_data").is_file()
+    denoiser = folder.denoiser
+    records = [files.get(f"{denoiser}/{name}", {}).get("sha256") for name in ("model.onnx", "model.onnx_data")]
+    onnx_data = (folder.path / denoiser / "model.onnx_data").is_file()
     if records[0] and (records[1] or not onnx_data):
         digest = records[0] if not onnx_data else hashlib.sha256("".join(records).encode()).hexdigest()
     else:
         from sdrt.engines.cache import onnx_sha256
 
-        digest = onnx_sha256(folder.onnx_path("unet"))
+        digest = onnx_sha256(folder.onnx_path(denoiser))
     return digest[:10]

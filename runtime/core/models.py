@@ -9,12 +9,13 @@ folder keeps when it returns NaN/Inf (sdrt.engines.fallback), or, on a backend t
 from __future__ import annotations
 
 from sdrt.engines import create_engine
+from sdrt.engines.spec import is_t5
 from sdrt.engines.fallback import FiniteOrFallback, fallback_file
 from sdrt.runtime import memory
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.control import ControlNetFolder
 from sdrt.runtime.deepcache import check_interval, require_graphs
-from sdrt.runtime.core import timestep
+from sdrt.runtime.core import timestep, transformer
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.vae import require_encoder, select_vae
@@ -22,7 +23,16 @@ from sdrt.runtime.vae import require_encoder, select_vae
 # Engine options for the network called every step (the UNet) only: fixed input buffers and a captured CUDA
 # graph pay there; the text encoders and the VAE run once per image.
 PER_STEP_OPTIONS = ("fixed_shapes", "cuda_graph")
-TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
+def tokenizer_for(folder: ModelFolder, component: str, tokenizer: str):
+    """The tokenizer of a text encoder: T5's (SentencePiece, tokenizer.json) for a T5 encoder, else CLIP's."""
+    if is_t5(folder.configs[component]):
+        from sdrt.runtime.tokenizer_t5 import T5Tokenizer
+
+        return T5Tokenizer.from_folder(folder.path / tokenizer)
+    return ClipTokenizer.from_folder(folder.path / tokenizer)
 
 
 class Models:
@@ -53,9 +63,12 @@ class Models:
             require_encoder(folder, self.vae_choice)
         for component, tokenizer in TEXT_ENCODERS:
             present = component in folder.components
-            setattr(self, tokenizer, ClipTokenizer.from_folder(folder.path / tokenizer) if present else None)
+            setattr(self, tokenizer, tokenizer_for(folder, component, tokenizer) if present else None)
             setattr(self, component, self.engine(component) if present else None)
-        self.unet = timestep.adapt(self.engine("unet"), folder)  # an optimum UNet takes a scalar timestep
+        # The denoiser, fed as the loop feeds a UNet: an optimum UNet takes a scalar timestep; a transformer (SD3,
+        # Flux) other input names, and Flux packed latents (sdrt.runtime.core.transformer).
+        denoiser = self.engine(folder.denoiser)
+        self.unet = timestep.adapt(denoiser, folder) if folder.denoiser == "unet" else transformer.adapt(denoiser, folder)
         self.vae_decoder = self.nan_safe(self.vae_choice.decoder)
         self.vae_encoder = self.engine(self.vae_choice.encoder) if encoder else None
         # ControlNets (sdrt.runtime.control): (folder, engine) pairs, each checked against this base first.
@@ -74,7 +87,7 @@ class Models:
                                                         **self.engine_options)))
 
     def _options(self, component: str) -> dict:
-        if component == "unet":
+        if component == self.folder.denoiser:
             return self.engine_options
         return {k: v for k, v in self.engine_options.items() if k not in PER_STEP_OPTIONS}
 
@@ -97,7 +110,7 @@ class Models:
         return tuple(engine for _, engine in self.controlnets)
 
     def engines(self) -> tuple:
-        return tuple(e for e in (self.text_encoder, self.text_encoder_2, self.unet, self.vae_decoder,
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.unet, self.vae_decoder,
                                  self.vae_encoder, *self.controlnet_engines) if e is not None)
 
     def stage_done(self, *engines) -> None:

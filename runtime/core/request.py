@@ -222,6 +222,12 @@ class Request:
     prompt_2: str | tuple[str, ...] | None = None
     negative_prompt_2: str | tuple[str, ...] | None = None
     micro_conditioning: dict = field(default_factory=dict)
+    # Family inputs (SD3, Flux): the T5 texts' length, SD3's third encoder's texts, Flux's true CFG.
+    prompt_3: str | tuple[str, ...] | None = None
+    negative_prompt_3: str | tuple[str, ...] | None = None
+    max_sequence_length: int | None = None  # None: the family's (SD3 256, Flux 512)
+    true_cfg_scale: float = 1.0
+    guidance_given: bool = True  # False: guidance_scale is the facade's default (Flux schnell refuses a given one)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -232,6 +238,11 @@ class Request:
         set_("negative_prompt", texts("negative_prompt", self.negative_prompt, len(prompts)))
         set_("prompt_2", text_or_texts("prompt_2", self.prompt_2))
         set_("negative_prompt_2", text_or_texts("negative_prompt_2", self.negative_prompt_2))
+        set_("prompt_3", text_or_texts("prompt_3", self.prompt_3))
+        set_("negative_prompt_3", text_or_texts("negative_prompt_3", self.negative_prompt_3))
+        if self.max_sequence_length is not None:
+            set_("max_sequence_length", integer("max_sequence_length", self.max_sequence_length))
+        set_("true_cfg_scale", real("true_cfg_scale", self.true_cfg_scale, 0.0))
         set_("num_inference_steps", integer("num_inference_steps", self.num_inference_steps))
         set_("guidance_scale", real("guidance_scale", self.guidance_scale, 0.0))
         set_("guidance_rescale", real("guidance_rescale", self.guidance_rescale, 0.0, 1.0))

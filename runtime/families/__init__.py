@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from sdrt.runtime.config import ModelFolder
 from sdrt.runtime.families.base import Family
+from sdrt.runtime.families.flux import Flux
 from sdrt.runtime.families.lcm import LatentConsistency
 from sdrt.runtime.families.sd import StableDiffusion
+from sdrt.runtime.families.sd3 import StableDiffusion3
 from sdrt.runtime.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, type[Family]] = {
-    family.name: family for family in (StableDiffusion, LatentConsistency, StableDiffusionXL)
+    family.name: family for family in (StableDiffusion, LatentConsistency, StableDiffusionXL, StableDiffusion3, Flux)
 }
 
 
@@ -29,18 +31,22 @@ def family_class(name: str) -> type[Family]:
 
 def _classes(task: str) -> dict:
     """family name -> the facade class of `task` ("txt2img", "img2img", "inpaint")."""
+    from sdrt.runtime.flux import FluxImg2ImgPipeline, FluxPipeline
     from sdrt.runtime.img2img import StableDiffusionImg2ImgPipeline
     from sdrt.runtime.lcm import LatentConsistencyImg2ImgPipeline, LatentConsistencyPipeline
+    from sdrt.runtime.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from sdrt.runtime.pipeline import StableDiffusionPipeline
     from sdrt.runtime.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from sdrt.runtime.sdxl_inpaint import StableDiffusionXLInpaintPipeline
 
     return {
         "txt2img": {"stable-diffusion": StableDiffusionPipeline, "latent-consistency": LatentConsistencyPipeline,
-                    "stable-diffusion-xl": StableDiffusionXLPipeline},
+                    "stable-diffusion-xl": StableDiffusionXLPipeline, "stable-diffusion-3": StableDiffusion3Pipeline,
+                    "flux": FluxPipeline},
         "img2img": {"stable-diffusion": StableDiffusionImg2ImgPipeline,
                     "latent-consistency": LatentConsistencyImg2ImgPipeline,
-                    "stable-diffusion-xl": StableDiffusionXLImg2ImgPipeline},
+                    "stable-diffusion-xl": StableDiffusionXLImg2ImgPipeline,
+                    "stable-diffusion-3": StableDiffusion3Img2ImgPipeline, "flux": FluxImg2ImgPipeline},
         # LCM folders go to StableDiffusionInpaintPipeline, which refuses them by name.
         "inpaint": {"stable-diffusion-xl": StableDiffusionXLInpaintPipeline},
     }[task]

@@ -14,6 +14,7 @@ from sdrt.runtime.config import ModelFolder
 class Family:
     name = ""
     strength_in_schedule = False  # img2img builds the schedule for strength (LCM) instead of cutting it
+    resizes_pictures = False  # img2img makes the picture height x width (default the model's size), as SD3 and Flux
 
     def __init__(self, folder: ModelFolder):
         self.folder = folder
@@ -24,6 +25,18 @@ class Family:
     def guided(self, request) -> bool:
         """Whether the run uses classifier-free guidance (two halves per step)."""
         return request.guidance_scale > 1.0
+
+    def cfg_scale(self, request) -> float:
+        """The classifier-free guidance scale (Flux: true_cfg_scale; its guidance_scale is distilled)."""
+        return request.guidance_scale
+
+    def schedule_options(self, run) -> dict:
+        """Options for the scheduler's plan beyond the steps (the flow families' sigmas= and mu=)."""
+        return {}
+
+    def text_tokens(self, request) -> int:
+        """Text tokens the denoiser attends to per image (the memory estimate)."""
+        return 77
 
     def conditioning(self, run) -> dict:
         """The denoiser's inputs that stay constant over the steps: encoder_hidden_states and any others, batched

@@ -60,7 +60,8 @@ def strength_plan(run):
     request = run.request
     strength = None if request.denoising_start is not None else request.strength
     return run.scheduler.plan(request.num_inference_steps, strength=strength, eta=request.eta,
-                              strength_in_schedule=run.family.strength_in_schedule and strength is not None)
+                              strength_in_schedule=run.family.strength_in_schedule and strength is not None,
+                              **run.family.schedule_options(run))
 
 
 def samples(run, count: int) -> int:
@@ -92,7 +93,11 @@ class ImageToImage(Task):
             count, run.height, run.width = len(latents), latents.shape[2] * factor, latents.shape[3] * factor
         else:  # the pixels are made in start, after the memory check: a large picture takes GiB and seconds
             self.images = None
-            count, run.height, run.width = imageio.picture_size(request.image, vae_scale_factor=factor)
+            size = {}
+            if run.family.resizes_pictures:  # SD3, Flux: the picture is made height x width (default the model's)
+                size = dict(height=request.height or folder.default_size, width=request.width or folder.default_size)
+            self.size = size
+            count, run.height, run.width = imageio.picture_size(request.image, vae_scale_factor=factor, **size)
         check_size(folder, run.height, run.width, subject="image ")
         check_image_count(count, len(request.prompt), request.num_images_per_prompt)
         run.parameters.update(width=run.width, height=run.height)
@@ -105,7 +110,8 @@ class ImageToImage(Task):
         """The images' latents (first draw; none for latents given), tiled over the batch, noised to the plan's
         first timestep (second draw; none when resuming), as diffusers' prepare_latents."""
         if self.images is None:
-            self.images = imageio.from_pil(run.request.image, vae_scale_factor=run.folder.vae.scale_factor)
+            self.images = imageio.from_pil(run.request.image, vae_scale_factor=run.folder.vae.scale_factor,
+                                           **self.size)
         latents = self.images if self.is_latents else image_latents(run, self.images)
         latents = tile(latents, run.batch)
         if run.resume:

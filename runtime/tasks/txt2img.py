@@ -12,7 +12,8 @@ class TextToImage(Task):
         default_size(run)
 
     def plan(self, run, plan):
-        return run.scheduler.plan(run.request.num_inference_steps, eta=run.request.eta)
+        return run.scheduler.plan(run.request.num_inference_steps, eta=run.request.eta,
+                                  **run.family.schedule_options(run))
 
     def start(self, run, latents):
         return run.generator.randn(run.latent_shape()).astype(np.float32) * np.float32(run.plan.init_noise_sigma)
