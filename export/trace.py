@@ -197,10 +197,23 @@ def sample_inputs(spec: NetworkSpec, dims: dict[str, int], seed: int = 0, vocab_
     """Seeded random inputs of the spec's shapes: token ids for int64 inputs, normals otherwise."""
     g = torch.Generator().manual_seed(seed)
     inputs = []
+    flux = "img_ids" in spec.input_names  # Flux's transformer: positions, and t / 1000 and guidance it scales by 1000
     for t in spec.inputs:
         shape = t.resolve(dims)
         if t.dtype == "int64":
             inputs.append(torch.randint(0, vocab_size, shape, generator=g))
+        elif t.name == "img_ids":  # each packed token's (0, row, column), as the pipeline makes them
+            h, w = dims["latent_height"] // 2, dims["latent_width"] // 2
+            ids = torch.zeros(h, w, 3)
+            ids[..., 1] += torch.arange(h)[:, None]
+            ids[..., 2] += torch.arange(w)[None, :]
+            inputs.append(ids.reshape(h * w, 3))
+        elif t.name == "txt_ids":
+            inputs.append(torch.zeros(shape))
+        elif flux and t.name == "timestep":
+            inputs.append(torch.rand(shape, generator=g))
+        elif flux and t.name == "guidance":
+            inputs.append(1 + 9 * torch.rand(shape, generator=g))
         elif t.name == "timestep":
             inputs.append(torch.randint(0, 1000, shape, generator=g).float())
         else:

@@ -73,7 +73,8 @@ def _canny(text: str) -> tuple[int, int]:
 # The Python API's argument names -> the options that set them, for messages (InvalidInputError names the former).
 OPTIONS = {"clip_skip": "--clip-skip", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "guidance_interval": "--guidance-interval",
            "num_images_per_prompt": "--num-images", "negative_prompt_2": "--negative-2", "negative_prompt": "--negative",
-           "prompt_2": "--prompt-2", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac",
+           "prompt_2": "--prompt-2", "prompt_3": "--prompt-3", "negative_prompt_3": "--negative-3",
+           "max_sequence_length": "--max-sequence-length", "true_cfg_scale": "--true-cfg", "denoising_end": "--high-noise-frac", "denoising_start": "--high-noise-frac",
            "loras": "--lora", "controlnet_conditioning_scale": "--control-scale",
            "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
            "control_image": "--control-image", "guess_mode": "--guess-mode", "guidance_rescale": "--guidance-rescale",
@@ -205,17 +206,34 @@ def cmd_info(args) -> int:
 
 
 def _second_prompts(args, pipe) -> dict:
-    """--prompt-2 / --negative-2, the texts for SDXL's second text encoder; refused for a model without one."""
-    if args.prompt_2 is None and args.negative_2 is None:
-        return {}
-    if not getattr(pipe, "uses_text_encoder_2", False):
-        from sdrt.runtime.errors import InvalidInputError
+    """--prompt-2 / --negative-2 (SDXL's second text encoder, SD3's CLIP-G, Flux's T5), --prompt-3 / --negative-3
+    (SD3's T5), --max-sequence-length and --true-cfg (SD3, Flux): refused, naming the option, for a model without
+    them."""
+    from sdrt.runtime.errors import InvalidInputError
 
-        raise InvalidInputError(
-            f"--prompt-2 / --negative-2 need a model with a second text encoder (SDXL); {args.folder} has only one, "
-            "so leave them out"
-        )
-    return {"prompt_2": args.prompt_2, "negative_prompt_2": args.negative_2}
+    taken = getattr(pipe, "prompt_arguments", ())
+    given = {}
+    for option, name, value in (("--prompt-2", "prompt_2", args.prompt_2), ("--negative-2", "negative_prompt_2",
+                                                                             args.negative_2),
+                                ("--prompt-3", "prompt_3", args.prompt_3), ("--negative-3", "negative_prompt_3",
+                                                                             args.negative_3)):
+        if value is None:
+            continue
+        if name not in taken:
+            encoders = "a second text encoder (SDXL, SD3, Flux)" if name.endswith("_2") else "a third (SD3's T5)"
+            raise InvalidInputError(f"{option} needs a model with {encoders}; {args.folder} has none, so leave it out")
+        given[name] = value
+    family = getattr(pipe, "family", "")
+    for option, name, value, families in (
+            ("--max-sequence-length", "max_sequence_length", args.max_sequence_length, ("stable-diffusion-3", "flux")),
+            ("--true-cfg", "true_cfg_scale", args.true_cfg, ("flux",))):
+        if value is None:
+            continue
+        if family not in families:
+            raise InvalidInputError(f"{option} applies to {' and '.join(f.upper() if f != 'stable-diffusion-3' else 'SD3' for f in families)} "
+                                    f"models; {args.folder} is a {family} model, so leave it out")
+        given[name] = value
+    return given
 
 
 def _lora(text: str) -> tuple[str, float]:
@@ -402,6 +420,10 @@ def _generate(args) -> int:
             pipe = factory(args.folder, **options)
         if scheduler is not None:
             pipe.scheduler = scheduler
+        if getattr(pipe.core.family, "resizes_pictures", False) and mask is None:
+            # SD3 / Flux img2img make the picture the model's size unless told: here the output keeps its size
+            m = pipe.folder.pixel_multiple
+            strength.update(height=max(m, picture.height // m * m), width=max(m, picture.width // m * m))
         if args.refiner is None:
             result = pipe(args.prompt, picture, *mask_arg, **strength, **common, **control_call,
                           **_second_prompts(args, pipe))
@@ -696,12 +718,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG/WebP quality (default 90)")
     g.add_argument("-n", "--negative", "--negative-prompt", dest="negative", default=None,
                    help="negative prompt (what to steer away from)")
-    g.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default: PROMPT)")
-    g.add_argument("--negative-2", default=None, help="SDXL: the negative prompt for the second text encoder")
+    g.add_argument("--prompt-2", default=None, help="the prompt for the second text encoder: SDXL's and SD3's "
+                                                   "CLIP-G, Flux's T5 (default: PROMPT)")
+    g.add_argument("--negative-2", default=None, help="SDXL, SD3, Flux: the negative prompt for the second text encoder")
+    g.add_argument("--prompt-3", default=None, help="SD3: the prompt for T5 (default: PROMPT)")
+    g.add_argument("--negative-3", default=None, help="SD3: the negative prompt for T5")
+    g.add_argument("--max-sequence-length", type=int, default=None, metavar="TOKENS",
+                   help="SD3, Flux: the T5 tokens read from the prompt (default: the pipeline's, SD3 256, Flux 512)")
+    g.add_argument("--true-cfg", type=float, default=None, metavar="SCALE",
+                   help="Flux: classifier-free guidance at SCALE with --negative (two transformer runs per step; "
+                        "--guidance is Flux dev's distilled guidance)")
     g.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: the pipeline's, as diffusers: 50; LCM 4)")
+                   help="denoising steps (default: the pipeline's, as diffusers: 50; LCM 4; SD3, Flux 28)")
     g.add_argument("--guidance", "--cfg-scale", dest="guidance", type=float, default=None,
-                   help="guidance scale (default: the pipeline's, as diffusers: SD 7.5, SDXL 5.0, LCM 8.5)")
+                   help="guidance scale (default: the pipeline's, as diffusers: SD 7.5, SDXL 5.0, LCM 8.5, SD3 7.0; "
+                        "Flux dev's distilled guidance 3.5; Flux schnell takes none)")
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="rescale the guided prediction toward the prompt's standard deviation, in [0, 1] "
                         "(Lin et al. 2023; for zero-SNR v-prediction models, e.g. 0.7; default 0: off)")

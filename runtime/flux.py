@@ -53,7 +53,7 @@ class FluxPipeline(Facade):
         output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         scheduler: str | None = None,
     ) -> PipelineOutput:
         """diffusers' arguments and defaults (28 steps, 1024 px). guidance_scale: dev's distilled guidance (default
@@ -91,7 +91,7 @@ class FluxImg2ImgPipeline(Facade):
         output_type: str = "pil",
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         scheduler: str | None = None,
     ) -> PipelineOutput:
         """As diffusers' FluxImg2ImgPipeline: the picture resized to height x width (default the model's size),

@@ -15,7 +15,7 @@ import warnings
 
 from sdrt.runtime import image as imageio
 from sdrt.runtime.errors import InvalidInputError
-from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from sdrt.runtime.schedulers import FLOW_SCHEDULER_NAMES, SCHEDULER_NAMES
 
 # Names with no spelling rule from sdrt's: A1111's PLMS is diffusers' PNDM; k-diffusion's k_ prefix.
 _ALIASES = {"plms": "pndm", "euler-ancestral": "euler-a", "uni-pc": "unipc", "lms-discrete": "lms"}
@@ -35,8 +35,11 @@ def scheduler_name(text: str, schedule: str | None = None) -> str:
             raise InvalidInputError(f"schedule type {schedule!r} is not one sdrt runs (Karras, or the sampler's "
                                     "own); sdrt's schedulers: " + ", ".join(SCHEDULER_NAMES))
         key = key if key.endswith(suffix) else key + suffix
+    if key in FLOW_SCHEDULER_NAMES:  # flow-matching models' (SD3, Flux); "euler" there is flow-euler too
+        return key
     if key not in SCHEDULER_NAMES:
-        raise InvalidInputError(f"unknown scheduler {text!r}; sdrt runs: {', '.join(SCHEDULER_NAMES)} (and "
+        raise InvalidInputError(f"unknown scheduler {text!r}; sdrt runs: {', '.join(SCHEDULER_NAMES)}; for SD3 and "
+                                f"Flux {', '.join(FLOW_SCHEDULER_NAMES)} (and "
                                 "stable-diffusion.cpp's and A1111's names for them: euler_a, dpm++2m, 'DPM++ 2M "
                                 "Karras', PLMS...)")
     return key
@@ -79,6 +82,10 @@ def generate_settings(prompt: str, negative: str, settings: dict) -> tuple[dict,
         "Emphasis": ("emphasis", str.lower),
         "Prompt 2": ("prompt_2", str),
         "Negative prompt 2": ("negative_2", str),
+        "Prompt 3": ("prompt_3", str),
+        "Negative prompt 3": ("negative_3", str),
+        "Max sequence length": ("max_sequence_length", lambda v: _number("Max sequence length", v, int)),
+        "True cfg scale": ("true_cfg", lambda v: _number("True cfg scale", v)),
         "Denoising strength": ("strength", lambda v: _number("Denoising strength", v)),
         "Cache interval": ("cache_interval", lambda v: _number("Cache interval", v, int)),
         "Low memory": ("low_memory", lambda v: v.lower() == "true"),

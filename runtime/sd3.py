@@ -48,7 +48,7 @@ class StableDiffusion3Pipeline(Facade):
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
         clip_skip: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_guidance_layers: list[int] | None = None,
         guidance_interval: tuple[float, float] | None = None,
         scheduler: str | None = None,
@@ -90,7 +90,7 @@ class StableDiffusion3Img2ImgPipeline(Facade):
         callback: Callable[[int, float, np.ndarray], Any] | None = None,
         progress: bool = False,
         clip_skip: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         guidance_interval: tuple[float, float] | None = None,
         scheduler: str | None = None,
     ) -> PipelineOutput:

@@ -87,7 +87,8 @@ def check_size(folder: ModelFolder, height, width, subject: str = "") -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < m or v % m:
             lower = max(m, (int(v) // m) * m) if isinstance(v, (int, np.integer)) else m
             raise InvalidInputError(
-                f"{subject}{name}={v} is not a multiple of {m} px, which this model's UNet needs "
+                f"{subject}{name}={v} is not a multiple of {m} px, which this model's "
+                f"{'UNet' if folder.denoiser == 'unet' else 'transformer'} needs "
                 f"({folder.latent_multiple} latent cells x {folder.vae.scale_factor} px); "
                 f"nearest valid sizes: {lower} or {lower + m}"
             )
@@ -233,10 +234,14 @@ class Generator:
             options["clip_skip"] = request.clip_skip + 1
         if self.emphasis != "original":
             options["emphasis"] = self.emphasis.capitalize()
-        for name in ("prompt_2", "negative_prompt_2"):
+        for name in ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"):
             value = getattr(request, name)
             if value is not None:
                 options[name] = value if isinstance(value, str) else json.dumps(list(value), ensure_ascii=False)
+        if request.max_sequence_length is not None:
+            options["max_sequence_length"] = request.max_sequence_length
+        if run.family.cfg_scale(request) != request.guidance_scale:  # Flux: true CFG beside distilled guidance
+            options["true_cfg_scale"] = request.true_cfg_scale
         if self.models.vae_choice.name != "full":
             options["VAE"] = self.models.vae_choice.name
         if self.vae_tiling is not None:

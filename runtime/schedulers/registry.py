@@ -142,6 +142,11 @@ def load_scheduler(config: Mapping[str, Any], name: str | None = None) -> Schedu
     solver, overrides = _SCHEDULERS[key]
     class_name = config.get("_class_name")
     evidence = _flow_evidence(config)
+    if evidence is not None and not solver.flow and f"flow-{key}" in _SCHEDULERS:
+        # A flow model's scheduler by the sampler's usual name ("euler" on SD3/Flux is flow-euler, as A1111 and
+        # ComfyUI name it there).
+        key = f"flow-{key}"
+        solver, overrides = _SCHEDULERS[key]
     if (evidence is not None or isinstance(class_name, str)) and (evidence is not None) != solver.flow:
         kind, fits = ("flow-matching", FLOW_SCHEDULER_NAMES) if solver.flow else ("noise-prediction", SCHEDULER_NAMES)
         described = f"{class_name}'s" if evidence is None else evidence
