@@ -60,7 +60,7 @@ def exported(sd_exported) -> dict[str, Path]:
 class TinyFolders:
     """Exported tiny folders of every family and task, each built on first use and shared by the whole run:
     "sd1", "sd2" (the `exported` fixture's), "sd1-inpaint" (9-channel UNet), "lcm", "xl-base", "xl-refiner",
-    "xl-inpaint" (9-channel SDXL UNet)."""
+    "xl-inpaint" (9-channel SDXL UNet), "sd3" (with T5), "flux-dev", "flux-schnell" (export/fixtures_dit.py)."""
 
     def __init__(self, exported: dict, root: Path):
         self._folders = dict(exported)
@@ -71,6 +71,7 @@ class TinyFolders:
             from sdrt.export.api import export_pipeline
             from sdrt.export.fixtures_family import save_tiny_lcm_pipeline
             from sdrt.export.fixtures_inpaint import save_tiny_inpaint_pipeline, save_tiny_xl_inpaint_pipeline
+            from sdrt.export.fixtures_dit import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
             from sdrt.export.fixtures_xl import save_tiny_xl_pipeline, save_tiny_xl_refiner
 
             makers = {
@@ -79,6 +80,9 @@ class TinyFolders:
                 "xl-base": save_tiny_xl_pipeline,
                 "xl-refiner": save_tiny_xl_refiner,
                 "xl-inpaint": save_tiny_xl_inpaint_pipeline,
+                "sd3": save_tiny_sd3_pipeline,
+                "flux-dev": lambda path: save_tiny_flux_pipeline(path, variant="dev"),
+                "flux-schnell": lambda path: save_tiny_flux_pipeline(path, variant="schnell"),
             }
             checkpoint = makers[name](self._root / "checkpoints" / name)
             self._folders[name] = export_pipeline(checkpoint, self._root / "exported" / name, log=lambda m: None)
