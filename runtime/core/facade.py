@@ -17,8 +17,10 @@ from sdrt.runtime.tasks.inpaint import Inpaint, is_inpainting_unet
 
 ENGINES = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "unet",
            "vae_decoder", "vae_encoder")
-DIT_CLASSES = {"stable-diffusion-3": "sdrt.runtime.sd3's StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline",
-               "flux": "sdrt.runtime.flux's FluxPipeline / FluxImg2ImgPipeline"}
+DIT_CLASSES = {"stable-diffusion-3": "sdrt.runtime.sd3's StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline "
+                                     "(inpainting: sdrt.runtime.dit_inpaint's StableDiffusion3InpaintPipeline)",
+               "flux": "sdrt.runtime.flux's FluxPipeline / FluxImg2ImgPipeline (inpainting: sdrt.runtime.dit_inpaint's "
+                       "FluxInpaintPipeline)"}
 
 
 def check_folder(folder: ModelFolder, family: str, task, facade: str):
@@ -32,8 +34,14 @@ def check_folder(folder: ModelFolder, family: str, task, facade: str):
                 f"{folder.path} is a {actual} model ({folder.pipeline}); {facade} runs {family} ones: run it with "
                 f"{runs} (sdrt.runtime.families picks the class; sdrt generate too)")
         if task is Inpaint:
-            raise UnsupportedConfigError(f"inpainting {actual} models is not supported yet; {folder.path} runs "
-                                         "txt2img and img2img")
+            if "vae_encoder" not in folder.components:
+                raise ModelFolderError(f"{folder.path} lacks vae_encoder/model.onnx, which inpainting needs to read "
+                                       "the picture; re-export the checkpoint with sdrt export")
+            if is_inpainting_unet(folder):
+                raise UnsupportedConfigError(
+                    f"{folder.path}: the transformer takes {folder.unet_config.get('in_channels')} input channels, "
+                    "the mask and masked picture beside the latents (an inpainting or Fill model); sdrt inpaints "
+                    "with ordinary SD3 / Flux transformers only, blending the picture back after each step")
         return family_class(family)(folder)
     channels, latent_channels = folder.unet_config.get("in_channels"), folder.vae.latent_channels
     if task is Inpaint:

@@ -37,6 +37,7 @@ def _classes(task: str) -> dict:
     from sdrt.runtime.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from sdrt.runtime.pipeline import StableDiffusionPipeline
     from sdrt.runtime.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from sdrt.runtime.dit_inpaint import FluxInpaintPipeline, StableDiffusion3InpaintPipeline
     from sdrt.runtime.sdxl_inpaint import StableDiffusionXLInpaintPipeline
 
     return {
@@ -48,7 +49,8 @@ def _classes(task: str) -> dict:
                     "stable-diffusion-xl": StableDiffusionXLImg2ImgPipeline,
                     "stable-diffusion-3": StableDiffusion3Img2ImgPipeline, "flux": FluxImg2ImgPipeline},
         # LCM folders go to StableDiffusionInpaintPipeline, which refuses them by name.
-        "inpaint": {"stable-diffusion-xl": StableDiffusionXLInpaintPipeline},
+        "inpaint": {"stable-diffusion-xl": StableDiffusionXLInpaintPipeline,
+                    "stable-diffusion-3": StableDiffusion3InpaintPipeline, "flux": FluxInpaintPipeline},
     }[task]
 
 

@@ -12,6 +12,12 @@ A dedicated inpainting UNet (9 input channels for SD) sees [latents, mask, maske
 every step. An ordinary UNet (4 channels) denoises the latents alone, and after each step the kept region
 is replaced by the picture's latents noised to the next timestep.
 
+The diffusion transformers (SD3, Flux: flow matching) inpaint the same way, as diffusers' StableDiffusion3-
+and FluxInpaintPipeline: an ordinary transformer (16 latent channels; Flux's 64 are those packed 2x2) blends
+after each step, the scheduler's noise coefficients at the next evaluation being diffusers' scale_noise at the
+next timestep; the picture is always encoded (first draw), and the masked picture too (third draw, unused). Their
+processing size defaults to the model's (the picture and mask are resized to it), as diffusers'.
+
 Latents given as `image` (an NCHW float array, as output_type="latent" gives; the SDXL ensemble's base
 output) are used without the VAE encoder (no first draw) and are not masked (no third draw; diffusers
 cannot mask latents, so a 9-channel UNet, which needs the masked picture's latents, refuses them). They set
@@ -55,9 +61,18 @@ class InpaintInputs:
         return len(self.pixels if self.pixels is not None else self.image_latents)
 
 
+def latent_input_channels(folder) -> int:
+    """The denoiser's input channels for the latents alone: the VAE's latent channels (x 4 for Flux's transformer,
+    which takes them packed 2x2)."""
+    from sdrt.engines.spec import transformer_kind
+
+    packed = folder.denoiser == "transformer" and transformer_kind(folder.unet_config) == "flux"
+    return folder.vae.latent_channels * (4 if packed else 1)
+
+
 def is_inpainting_unet(folder) -> bool:
-    """True when the UNet takes the mask and the masked picture's latents (9 channels for SD)."""
-    return folder.unet_config.get("in_channels") != folder.vae.latent_channels
+    """True when the denoiser takes the mask and the masked picture's latents (9 channels for SD, 33 for SD3)."""
+    return folder.unet_config.get("in_channels") != latent_input_channels(folder)
 
 
 def mask_pictures(mask_image, num_images: int) -> list:
@@ -102,12 +117,16 @@ def crop_box(pad: int, pictures: list, masks_: list, height: int, width: int, ou
 
 def picture_geometry(run) -> tuple:
     """(pictures, masks, height, width, crop, original), checked, no pixel converted: the processing size is the
-    request's, or the picture's rounded down to a multiple of the VAE's factor (diffusers' default is the model's
-    size: pass both to compare)."""
-    request, vae = run.request, run.folder.vae
+    request's, or the picture's rounded down to a multiple of the VAE's factor (diffusers' default for SD and
+    SDXL is the model's size: pass both to compare); for a family that resizes pictures (SD3, Flux) the model's,
+    as diffusers."""
+    request, folder = run.request, run.folder
     pictures, masks_ = pictures_and_masks(request.image, request.mask_image)
-    height = pictures[0].height - pictures[0].height % vae.scale_factor if request.height is None else request.height
-    width = pictures[0].width - pictures[0].width % vae.scale_factor if request.width is None else request.width
+    factor = folder.vae.scale_factor
+    default_height, default_width = (folder.default_size, folder.default_size) if run.family.resizes_pictures else \
+        (pictures[0].height - pictures[0].height % factor, pictures[0].width - pictures[0].width % factor)
+    height = default_height if request.height is None else request.height
+    width = default_width if request.width is None else request.width
     check_size(run.folder, height, width)
     crop = original = None
     if request.padding_mask_crop is not None:
