@@ -134,6 +134,19 @@ def test_flux_matches_diffusers(folders, flux, strength):
     assert worst <= TOLERANCE, f"max |sdrt - diffusers| = {worst * 255:.3f}/255"
 
 
+
+def test_flux_padding_mask_crop_matches_diffusers(folders, flux):
+    """The box around the mask repainted at 64 x 64 and pasted back into the 96 x 120 original, as diffusers."""
+    import diffusers
+
+    reference = diffusers.FluxInpaintPipeline.from_pretrained(folders["flux"][0])
+    kwargs = dict(prompt=PROMPT, image=picture(120, 96, 1), mask_image=mask(120, 96, (30, 40, 60, 90)), height=64,
+                  width=64, padding_mask_crop=8, num_inference_steps=3, seed=5)
+    got = np.asarray(flux(output_type="pil", **kwargs).images[0])
+    want = np.asarray(run_reference(reference, output_type="pil", **kwargs)[0])
+    assert got.shape == want.shape == (120, 96, 3)
+    assert max_difference(got, want) <= 2  # uint8 levels
+
 def test_generate_picks_the_inpainting_pipelines(folders):
     from sdrt.runtime.families import inpaint_pipeline
 
