@@ -420,8 +420,8 @@ def _generate(args) -> int:
             pipe = factory(args.folder, **options)
         if scheduler is not None:
             pipe.scheduler = scheduler
-        if getattr(pipe.core.family, "resizes_pictures", False) and mask is None:
-            # SD3 / Flux img2img make the picture the model's size unless told: here the output keeps its size
+        if getattr(pipe.core.family, "resizes_pictures", False):
+            # SD3 / Flux img2img and inpainting make the picture the model's size unless told: here it keeps its size
             m = pipe.folder.pixel_multiple
             strength.update(height=max(m, picture.height // m * m), width=max(m, picture.width // m * m))
         if args.refiner is None:

@@ -55,12 +55,15 @@ class FluxPipeline(Facade):
         progress: bool = False,
         max_sequence_length: int | None = None,
         scheduler: str | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        negative_prompt_3: str | Sequence[str] | None = None,
     ) -> PipelineOutput:
         """diffusers' arguments and defaults (28 steps, 1024 px). guidance_scale: dev's distilled guidance (default
         3.5); a schnell-type model (no guidance embedding) refuses one. true_cfg_scale > 1 with a negative_prompt
         runs classifier-free guidance (two transformer evaluations per step). prompt_2 goes to T5 (default
         prompt); max_sequence_length: T5 tokens (512). Sizes must be multiples of 16 px (2x2 packing of 8x
-        latents). seed/generator/rng, callback and progress as StableDiffusionPipeline's."""
+        latents). prompt_3 / negative_prompt_3 (SD3's T5 texts) are refused with a message, not a TypeError.
+        seed/generator/rng, callback and progress as StableDiffusionPipeline's."""
         return self._generate(_arguments(locals(), DEFAULT_GUIDANCE))
 
 
@@ -93,6 +96,8 @@ class FluxImg2ImgPipeline(Facade):
         progress: bool = False,
         max_sequence_length: int | None = None,
         scheduler: str | None = None,
+        prompt_3: str | Sequence[str] | None = None,
+        negative_prompt_3: str | Sequence[str] | None = None,
     ) -> PipelineOutput:
         """As diffusers' FluxImg2ImgPipeline: the picture resized to height x width (default the model's size),
         encoded, noised to the schedule cut by strength (0.6); guidance_scale defaults to 7.0 there, as diffusers'

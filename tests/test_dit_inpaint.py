@@ -23,17 +23,9 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict:
-    """{"sd3" | "flux": (diffusers checkpoint, exported folder)}, made once for the module."""
-    from sdrt.export.api import export_pipeline
-    from sdrt.export.fixtures_dit import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
-
-    root = tmp_path_factory.mktemp("dit_inpaint")
-    made = {}
-    for name, save in (("sd3", save_tiny_sd3_pipeline), ("flux", lambda p: save_tiny_flux_pipeline(p, variant="dev"))):
-        checkpoint = save(root / "checkpoints" / name)
-        made[name] = (checkpoint, export_pipeline(checkpoint, root / "exported" / name, log=lambda m: None))
-    return made
+def folders(tiny) -> dict:
+    """{"sd3" | "flux": (diffusers checkpoint, exported folder)}: the session's tiny folders (tests/conftest.py)."""
+    return {"sd3": (tiny.checkpoint("sd3"), tiny["sd3"]), "flux": (tiny.checkpoint("flux-dev"), tiny["flux-dev"])}
 
 
 @pytest.fixture(scope="module")
@@ -182,4 +174,4 @@ def test_cli_inpaints_sd3(folders, tmp_path):
     out = tmp_path / "out.png"
     assert main(["generate", str(folders["sd3"][1]), "a cat", "--image", str(tmp_path / "picture.png"), "--mask",
                  str(tmp_path / "mask.png"), "--steps", "3", "--seed", "1", "-o", str(out)]) == 0
-    assert Image.open(out).mode == "RGB"
+    assert Image.open(out).mode == "RGB" and Image.open(out).size == (80, 96)  # the picture's size
