@@ -61,8 +61,20 @@ from sdrt.export.split_gelu import fuse_bias_split_gelu
 PROFILES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16")
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-MODEL_TYPE = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet",
-              "vae_decoder": "vae", "vae_encoder": "vae", "vae_tiny_decoder": "vae", "vae_tiny_encoder": "vae"}
+MODEL_TYPE = {"text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5", "unet": "unet",
+              "transformer": "mmdit", "vae_decoder": "vae", "vae_encoder": "vae", "vae_tiny_decoder": "vae",
+              "vae_tiny_encoder": "vae"}
+# T5 (SD3's text_encoder_3, Flux's text_encoder_2) overflows in fp16 (its feed-forward activations pass 65504, as
+# diffusers and optimum note): an fp16 folder keeps it fp32.
+FP32_ALWAYS = ("t5",)
+
+
+def network_type(name: str, spec: dict) -> str:
+    """onnxruntime's optimizer model type of a network: by name, except that a text encoder giving only
+    last_hidden_state is a T5 (Flux's text_encoder_2)."""
+    if name.startswith("text_encoder") and [t["name"] for t in spec.get("outputs", [])] == ["last_hidden_state"]:
+        return "t5"
+    return MODEL_TYPE[name]
 ATTENTION_MODEL_TYPES = ("unet", "vae")  # where sdrt.export.attention fuses the attention
 # Ops left in fp32 by the fp16 conversion, per profile. cpu: normalizations and reductions whose fp16 kernels
 # lose too much or do not exist on the CPU provider, and the timestep embedding's trigonometry. gpu: the
@@ -153,13 +165,25 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _random_feed(spec_json: dict, dims: dict, seed: int) -> dict:
+def _random_feed(spec_json: dict, dims: dict, seed: int, vocab_size: int = 49408) -> dict:
+    """Seeded inputs of the spec's shapes; Flux's transformer gets positions, t / 1000 and guidance as its
+    pipeline makes them (sdrt.export.trace.sample_inputs does the same for export)."""
     rng = np.random.default_rng(seed)
     feed = {}
+    names = [t["name"] for t in spec_json["inputs"]]
     for t in spec_json["inputs"]:
         shape = tuple(d if isinstance(d, int) else dims[d] for d in t["shape"])
         if t["dtype"] == "int64":
-            feed[t["name"]] = rng.integers(0, 49408, shape, dtype=np.int64)
+            feed[t["name"]] = rng.integers(0, vocab_size, shape, dtype=np.int64)
+        elif t["name"] == "img_ids":
+            from sdrt.runtime.core.transformer import image_ids
+
+            feed[t["name"]] = image_ids(dims["latent_height"], dims["latent_width"])
+        elif t["name"] == "txt_ids":
+            feed[t["name"]] = np.zeros(shape, dtype=np.float32)
+        elif "img_ids" in names and t["name"] in ("timestep", "guidance"):
+            low, high = (0.0, 1.0) if t["name"] == "timestep" else (1.0, 10.0)
+            feed[t["name"]] = rng.uniform(low, high, shape).astype(np.float32)
         elif t["name"] == "timestep":
             feed[t["name"]] = rng.integers(0, 1000, shape).astype(np.float32)
         else:
@@ -197,7 +221,9 @@ def compare_files(reference: Path, optimized: Path, spec_json: dict, shapes: lis
     """Run both files at each shape; return a JSON-able report, raising ValidationError on a miss. For a VAE
     decoder (`decoder`) each check also reports the decoded image's PSNR against the reference's."""
     atol = TOLERANCE[precision]
-    feeds = [_random_feed(spec_json, dims, seed) for seed, dims in enumerate(shapes, 1)]
+    config = reference.parent / "config.json"  # token ids within the encoder's vocabulary (T5's is small)
+    vocab = json.loads(config.read_text()).get("vocab_size", 49408) if config.is_file() else 49408
+    feeds = [_random_feed(spec_json, dims, seed, vocab) for seed, dims in enumerate(shapes, 1)]
     references = _run_each(reference, "cpu", feeds)  # one session at a time: the peak is the larger one, not both
     try:
         results = _run_each(optimized, provider, feeds)
@@ -307,7 +333,11 @@ def optimize_file(src: Path, dst: Path, model_type: str, profile: str, precision
 def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list[dict], profile: str,
                        precision: str, log=lambda message: None) -> dict:
     """Optimize one network file and validate it on the CPU (gpu: lowered, and structurally checked); the report."""
-    model_type = MODEL_TYPE[name]
+    model_type = network_type(name, spec)
+    kept = precision == "fp16" and model_type in FP32_ALWAYS
+    if kept:
+        log(f"{dst.parent.name}: kept fp32 (T5 overflows in fp16)")
+        precision = "fp32"
     fusions = optimize_file(src, dst, model_type, profile, precision)
     decoder = name in DECODERS
     how = "on the CPU" if profile == "cpu" else "on the CPU (CUDA-only ops lowered to standard ONNX)"
@@ -317,6 +347,8 @@ def optimize_component(src: Path, dst: Path, name: str, spec: dict, shapes: list
     else:
         structure = check_gpu_graph(src, dst, model_type)
         report = {**compare_lowered(src, dst, spec, shapes, precision, decoder=decoder), **structure}
+    if kept:
+        report["precision"] = "fp32 (T5 overflows in fp16)"
     return {**report, **fusions}
 
 
@@ -350,7 +382,7 @@ def optimize_folder(folder, out, profile: str = "cpu", precision: str = "fp32", 
     with staging(out, force) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data", MANIFEST))
         for name, spec in specs.items():
-            log(f"{name}: optimizing ({MODEL_TYPE[name]}, {profile} profile, {precision})")
+            log(f"{name}: optimizing ({network_type(name, spec)}, {profile} profile, {precision})")
             report = optimize_component(folder / name / "model.onnx", tmp / name / "model.onnx", name, spec,
                                         validation_shapes(manifest, name), profile, precision, log)
             manifest["validation_optimize"][name] = report

@@ -269,3 +269,17 @@ def test_cli_generate_picks_the_family(tiny, flux_dev, tmp_path):
                           "--guidance", "3", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "takes no guidance" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_optimize_fp16_keeps_t5_fp32(tiny, sd3, tmp_path):
+    """`sdrt optimize --precision fp16` on an SD3 folder: T5 stays fp32 (it overflows in fp16), the rest is fp16,
+    and the image stays close to the fp32 folder's."""
+    from sdrt.export.optimize import optimize_folder
+
+    out = optimize_folder(tiny["sd3"], tmp_path / "sd3-fp16", precision="fp16", log=lambda m: None)
+    report = json.loads((out / "sdrt.json").read_text())["validation_optimize"]
+    assert report["text_encoder_3"]["precision"] == "fp32 (T5 overflows in fp16)"
+    assert "precision" not in report["transformer"]
+    kwargs = dict(prompt=PROMPT, num_inference_steps=3, height=64, width=64, seed=1, output_type="np")
+    fp16 = StableDiffusion3Pipeline.from_pretrained(out)(**kwargs).images
+    assert np.abs(fp16 - sd3(**kwargs).images).max() <= 4 / 255
