@@ -49,9 +49,14 @@ def test_source_not_diffusers(tmp_path):
 
 def test_unsupported_family_is_named(ckpt_copy, tmp_path):
     index = json.loads((ckpt_copy / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusion3Pipeline"
+    index["_class_name"] = "FluxControlNetPipeline"
     (ckpt_copy / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(UnsupportedModelError, match="SD3 .a transformer, not a UNet. is not supported"):
+    with pytest.raises(UnsupportedModelError, match="Flux ControlNets are not supported yet"):
+        export_pipeline(ckpt_copy, tmp_path / "out", log=quiet)
+    assert_nothing_written(tmp_path / "out")
+    index["_class_name"] = "StableDiffusion3Pipeline"  # an SD3 index over a UNet folder: its transformer is missing
+    (ckpt_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="no transformer/ folder"):
         export_pipeline(ckpt_copy, tmp_path / "out", log=quiet)
     assert_nothing_written(tmp_path / "out")
 

@@ -83,11 +83,9 @@ def test_name_is_case_insensitive_and_overrides_apply():
         ("dpm++2m", "algorithm_type", "sde-dpmsolver"),
         ("dpm++2m", "solver_order", 3),
         ("dpm++2m", "variance_type", "learned_range"),
-        ("dpm++2m", "use_flow_sigmas", True),
         ("dpm++2m-karras", "thresholding", True),
         ("unipc", "solver_order", 3),
         ("unipc", "predict_x0", False),
-        ("unipc", "use_flow_sigmas", True),
         ("lcm", "thresholding", True),
     ],
 )
@@ -236,3 +234,11 @@ def test_every_scheduler_runs_without_torch():
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("name", ["dpm++2m", "unipc"])
+def test_usual_name_on_a_flow_config_is_the_flow_solver(name):
+    """A config that says use_flow_sigmas is a flow model's: its sampler's usual name means the flow variant (as
+    "euler" means flow-euler on SD3/Flux folders)."""
+    assert load_scheduler({**SD15, "use_flow_sigmas": True}, name).name == f"flow-{name}"
+    assert load_scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}, "euler").name == "flow-euler"
