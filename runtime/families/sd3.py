@@ -113,10 +113,11 @@ class StableDiffusion3(FlowFamily):
             models.stage_done(models.text_encoder_3)
         else:
             t5 = np.zeros((len(all_3), length, self.joint_dim), dtype=np.float32)
-        if clip.shape[-1] > t5.shape[-1]:
-            raise ModelFolderError(f"{self.folder.path}: the CLIP states ({clip.shape[-1]} wide) are wider than the "
-                                   f"T5's ({t5.shape[-1]}); this is not an SD3 layout")
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        # Zero-padded to T5's width; cut to it where the CLIPs are wider (diffusers pads by a negative amount then,
+        # which torch's pad turns into a cut: small test models have such widths).
+        width = t5.shape[-1]
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1]))) if clip.shape[-1] <= width else \
+            np.ascontiguousarray(clip[..., :width])
         embeds = np.concatenate([clip, t5.astype(clip.dtype)], axis=1)
         repeat = request.num_images_per_prompt
         run.timings["text_encoder"] = time.perf_counter() - t0
