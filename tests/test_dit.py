@@ -283,3 +283,37 @@ def test_optimize_fp16_keeps_t5_fp32(tiny, sd3, tmp_path):
     kwargs = dict(prompt=PROMPT, num_inference_steps=3, height=64, width=64, seed=1, output_type="np")
     fp16 = StableDiffusion3Pipeline.from_pretrained(out)(**kwargs).images
     assert np.abs(fp16 - sd3(**kwargs).images).max() <= 4 / 255
+
+
+def test_sd3_in_diffusers_test_layout(tmp_path):
+    """diffusers' own SD3 test layout: patch 1, a 1x VAE, both CLIPs together wider than T5 (their states are then
+    cut to its width, as diffusers' negative pad does)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline as Reference
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sdrt.export.api import export_pipeline
+    from sdrt.export.fixtures import clip_tokenizer
+    from sdrt.export.fixtures_dit import _t5_tokenizer
+
+    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=5, pad_token_id=1, vocab_size=49408, hidden_act="gelu", projection_dim=32)
+    tokenizer_3 = _t5_tokenizer()
+    torch.manual_seed(0)
+    components = dict(
+        transformer=SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                          num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                          pooled_projection_dim=64, out_channels=4),
+        text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4, is_encoder_decoder=False)),
+        vae=AutoencoderKL(sample_size=32, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+                          norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                          scaling_factor=1.5035),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler())
+    Reference(**components).save_pretrained(tmp_path / "ckpt")
+    folder = export_pipeline(tmp_path / "ckpt", tmp_path / "onnx", log=lambda m: None)
+    kwargs = dict(prompt=PROMPT, num_inference_steps=3, height=24, width=32, guidance_scale=5.0, seed=4)
+    got = StableDiffusion3Pipeline.from_pretrained(folder)(**kwargs, output_type="np").images
+    assert_close(got, reference(Reference.from_pretrained(tmp_path / "ckpt"), **kwargs))
