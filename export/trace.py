@@ -239,11 +239,12 @@ def export_onnx(module: torch.nn.Module, spec: NetworkSpec, example: tuple, path
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
     if size > PROTOBUF_LIMIT * 0.9:
-        import onnx
+        # Streamed: onnx_ir writes one tensor at a time to the side file, then serialises a proto without
+        # weights. (program.model_proto + onnx.save_model held a second full copy of the weights; and
+        # program.save(external_data=True) is the same call but names the side file model.onnx.data.)
+        import onnx_ir as ir
 
-        proto = program.model_proto
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
+        ir.save(program.model, str(path), external_data=EXTERNAL_DATA_NAME, size_threshold_bytes=1024)
     else:
         program.save(str(path), external_data=False)
 
