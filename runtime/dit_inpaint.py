@@ -19,8 +19,8 @@ import numpy as np
 
 from sdrt.runtime.core.facade import Facade
 from sdrt.runtime.core.generate import PipelineOutput
-from sdrt.runtime.families import flux, sd3
-from sdrt.runtime.flux import _arguments as flux_arguments
+from sdrt.runtime.families import sd3
+from sdrt.runtime.flux import _FluxFacade
 from sdrt.runtime.tasks.inpaint import Inpaint
 
 __all__ = ["FluxInpaintPipeline", "StableDiffusion3InpaintPipeline"]
@@ -69,10 +69,10 @@ class StableDiffusion3InpaintPipeline(Facade):
         return self._generate(locals())
 
 
-class FluxInpaintPipeline(Facade):
+class FluxInpaintPipeline(_FluxFacade):
     """Flux inpainting over ONNX engines (dev or schnell; an ordinary transformer, blending; needs the vae_encoder)."""
 
-    family = flux.FAMILY
+    default_guidance = 7.0  # FluxInpaintPipeline's
     task = Inpaint
     needs_encoder = True
 
@@ -105,4 +105,4 @@ class FluxInpaintPipeline(Facade):
         default; schnell takes none). The picture and mask are resized to height x width (default the model's size;
         multiples of 16 px). image, mask_image and padding_mask_crop as StableDiffusion3InpaintPipeline's; other
         arguments as FluxPipeline's."""
-        return self._generate(flux_arguments(locals(), 7.0))
+        return self._generate(self.call_arguments(locals()))

@@ -21,18 +21,22 @@ from sdrt.runtime.tasks.txt2img import TextToImage
 __all__ = ["FluxImg2ImgPipeline", "FluxPipeline"]
 
 
-def _arguments(arguments: dict, default_guidance: float) -> dict:
-    """The call's arguments with guidance_scale's default filled in, noting whether it was given (schnell refuses
-    a given one: its transformer takes none)."""
-    given = arguments["guidance_scale"] is not None
-    return {**arguments, "guidance_scale": arguments["guidance_scale"] if given else default_guidance,
-            "guidance_given": given}
+class _FluxFacade(Facade):
+    family = FAMILY
+    default_guidance = DEFAULT_GUIDANCE
+
+    @classmethod
+    def call_arguments(cls, arguments: dict) -> dict:
+        """guidance_scale's default filled in, noting whether it was given (schnell refuses a given one: its
+        transformer takes none)."""
+        given = arguments.get("guidance_scale") is not None
+        return {**arguments, "guidance_scale": arguments["guidance_scale"] if given else cls.default_guidance,
+                "guidance_given": given}
 
 
-class FluxPipeline(Facade):
+class FluxPipeline(_FluxFacade):
     """Flux text-to-image over ONNX engines."""
 
-    family = FAMILY
     task = TextToImage
 
     def __call__(
@@ -64,13 +68,13 @@ class FluxPipeline(Facade):
         prompt); max_sequence_length: T5 tokens (512). Sizes must be multiples of 16 px (2x2 packing of 8x
         latents). prompt_3 / negative_prompt_3 (SD3's T5 texts) are refused with a message, not a TypeError.
         seed/generator/rng, callback and progress as StableDiffusionPipeline's."""
-        return self._generate(_arguments(locals(), DEFAULT_GUIDANCE))
+        return self._generate(self.call_arguments(locals()))
 
 
-class FluxImg2ImgPipeline(Facade):
+class FluxImg2ImgPipeline(_FluxFacade):
     """Flux image-to-image over ONNX engines (needs the folder's vae_encoder)."""
 
-    family = FAMILY
+    default_guidance = 7.0  # FluxImg2ImgPipeline's
     task = ImageToImage
     needs_encoder = True
 
@@ -102,4 +106,4 @@ class FluxImg2ImgPipeline(Facade):
         """As diffusers' FluxImg2ImgPipeline: the picture resized to height x width (default the model's size),
         encoded, noised to the schedule cut by strength (0.6); guidance_scale defaults to 7.0 there, as diffusers'
         FluxImg2ImgPipeline. Other arguments as FluxPipeline's."""
-        return self._generate(_arguments(locals(), 7.0))
+        return self._generate(self.call_arguments(locals()))

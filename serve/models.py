@@ -74,6 +74,9 @@ class ServedModel:
         """A checked Request for `task` from the API's fields (None = the facade's default) and its task list."""
         facade = self._facade(task)
         arguments = self.defaults(task)
+        if getattr(self.generator.family, "distilled_guidance", None) is False:
+            # A Flux schnell-type model takes no guidance; A1111 clients send cfg_scale with every request
+            given = {name: value for name, value in given.items() if name != "guidance_scale"}
         arguments.update({name: value for name, value in given.items() if value is not None})
         arguments.update(output_type="pil", progress=False, callback=None)
         prompts = arguments.get("prompt")
@@ -87,10 +90,15 @@ class ServedModel:
                      images=len(prompts) * arguments.get("num_images_per_prompt", 1)
                      if isinstance(arguments.get("num_images_per_prompt", 1), int) else None,
                      prompts=prompts + negatives)
-        if task == "img2img":  # the img2img facades take no size: the output has the picture's
+        if getattr(self.generator.family, "resizes_pictures", False) and task != "txt2img" \
+                and given.get("image") is not None:
+            # SD3 / Flux resize the picture to height x width (default the model's size): keep the picture's
+            m = self.folder.pixel_multiple
+            arguments.update(height=max(m, int(height) // m * m), width=max(m, int(width) // m * m))
+        elif task == "img2img":  # the img2img facades take no size: the output has the picture's
             arguments.pop("height", None)
             arguments.pop("width", None)
-        return Request.from_arguments(arguments), [facade.task()]
+        return Request.from_arguments(facade.call_arguments(arguments)), [facade.task()]
 
     def submit(self, task: str, limits: Limits, **given):
         """Check and queue; the Job (its `future` gets the PipelineOutput)."""

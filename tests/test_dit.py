@@ -317,3 +317,55 @@ def test_sd3_in_diffusers_test_layout(tmp_path):
     kwargs = dict(prompt=PROMPT, num_inference_steps=3, height=24, width=32, guidance_scale=5.0, seed=4)
     got = StableDiffusion3Pipeline.from_pretrained(folder)(**kwargs, output_type="np").images
     assert_close(got, reference(Reference.from_pretrained(tmp_path / "ckpt"), **kwargs))
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+
+
+def test_serve_flux_dev_and_schnell(tiny, flux_dev):
+    """A1111's API on Flux folders: cfg_scale is dev's distilled guidance (the image equals FluxPipeline's), and a
+    schnell-type model ignores the cfg_scale A1111 clients always send; img2img keeps the picture's size."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from sdrt.serve.app import create_app
+    from sdrt.serve.cli import build_server
+
+    server = build_server([str(tiny["flux-dev"]), str(tiny["flux-schnell"])])
+    try:
+        with TestClient(create_app(server)) as client:
+            body = dict(prompt=PROMPT, steps=3, cfg_scale=4.0, seed=21, width=96, height=64)
+            dev = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+                "sd_model_checkpoint": tiny["flux-dev"].name}})
+            assert dev.status_code == 200, dev.text
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(dev.json()["images"][0]))))
+            want = flux_dev(PROMPT, num_inference_steps=3, guidance_scale=4.0, seed=21, height=64, width=96,
+                            output_type="uint8").images[0]
+            np.testing.assert_array_equal(got, want)
+            schnell = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+                "sd_model_checkpoint": tiny["flux-schnell"].name}})
+            assert schnell.status_code == 200, schnell.text
+            buffer = io.BytesIO()
+            picture(80, 48).save(buffer, format="PNG")
+            edit = client.post("/sdapi/v1/img2img", json=dict(
+                prompt=PROMPT, steps=3, seed=2, denoising_strength=0.6,
+                init_images=[base64.b64encode(buffer.getvalue()).decode()],
+                override_settings={"sd_model_checkpoint": tiny["flux-dev"].name}))
+            assert edit.status_code == 200, edit.text
+            assert Image.open(io.BytesIO(base64.b64decode(edit.json()["images"][0]))).size == (48, 80)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("name, kwargs", [("sd3", dict(guidance_scale=5.0, negative_prompt="dark")),
+                                          ("flux-dev", dict(true_cfg_scale=2.0, negative_prompt="dark"))])
+def test_low_memory_gives_the_same_image(tiny, name, kwargs):
+    """--low-memory: one network at a time (T5 released before the transformer loads), CFG halves in turn."""
+    cls = StableDiffusion3Pipeline if name == "sd3" else FluxPipeline
+    call = dict(prompt=PROMPT, num_inference_steps=3, height=64, width=64, seed=3, output_type="np", **kwargs)
+    low = cls.from_pretrained(tiny[name], low_memory=True)
+    np.testing.assert_allclose(low(**call).images, cls.from_pretrained(tiny[name])(**call).images, atol=1e-5)
+    assert not any(engine.loaded for engine in low.core.models.engines())  # every network released after its stage

@@ -212,6 +212,12 @@ class Facade:
     def _check_size(self, height: int, width: int, subject: str = "") -> None:
         check_size(self.folder, height, width, subject)
 
+    @classmethod
+    def call_arguments(cls, arguments: dict) -> dict:
+        """The call's arguments with the defaults a facade fills itself (Flux's guidance_scale); the server builds
+        its Requests through this too."""
+        return arguments
+
     # -- one generation -------------------------------------------------------------------------------
 
     def _generate(self, arguments: dict) -> PipelineOutput:
