@@ -73,6 +73,19 @@ def test_packing_is_diffusers():
     np.testing.assert_array_equal(image_ids(6, 10), ids)
 
 
+def test_flux_step_draws_are_packed():
+    """An SDE step's noise on Flux is drawn in the packed layout FluxPipeline's loop holds (diffusers' SD3 and Flux
+    pipelines pass no generator to scheduler.step, so there it comes from torch's global stream: no seed reproduces
+    it; sdrt draws from the run's generator, packed as diffusers would)."""
+    from sdrt.runtime.families.flux import PackedDraws
+    from sdrt.runtime.rng import make_generator
+
+    got = PackedDraws(make_generator(5, "torch")).randn((2, 4, 6, 10))
+    want = torch.randn((2, 15, 16), generator=torch.Generator().manual_seed(5)).numpy()
+    np.testing.assert_array_equal(pack(got), want)
+    assert PackedDraws(make_generator(5, "torch")).randn((3, 7)).shape == (3, 7)
+
+
 def test_export_records_the_folder(tiny):
     folder = tiny["sd3"]
     manifest = json.loads((folder / "sdrt.json").read_text())

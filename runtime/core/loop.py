@@ -74,6 +74,9 @@ class Denoising:
             raise InvalidInputError("step caching (cache_interval > 1) does not combine with ControlNet, whose "
                                     "residuals change every step; use cache_interval=1")
         self.guided = False
+        # The solver's own draws (SDE and ancestral steps) in the layout the family's pipeline draws them (Flux's
+        # packed tokens); the generator as it is for every other family.
+        self.step_generator = run.family.step_generator(run.generator)
 
     @property
     def done(self) -> bool:
@@ -134,7 +137,8 @@ class Denoising:
             )
         if self.guided:
             noise_pred = run.guidance.combine(noise_pred)
-        self.latents, self.state = run.scheduler.step(plan, i, noise_pred, self.latents, self.state, run.generator)
+        self.latents, self.state = run.scheduler.step(plan, i, noise_pred, self.latents, self.state,
+                                                      self.step_generator)
         for task in run.tasks:
             self.latents = task.after_step(run, i, self.latents)
         self.i += 1

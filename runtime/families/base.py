@@ -38,6 +38,10 @@ class Family:
         """Text tokens the denoiser attends to per image (the memory estimate)."""
         return 77
 
+    def step_generator(self, generator):
+        """The generator the solver's steps draw from (sdrt.runtime.families.flux draws them packed, as diffusers)."""
+        return generator
+
     def conditioning(self, run) -> dict:
         """The denoiser's inputs that stay constant over the steps: encoder_hidden_states and any others, batched
         as the latents are (request.batch rows; with guidance, the negatives' rows first, then the prompts')."""

@@ -19,10 +19,30 @@ import time
 import numpy as np
 
 from sdrt.runtime.core.request import texts
+from sdrt.runtime.core.transformer import unpack
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.families.dit import FlowFamily, check_sequence_length, t5_embeds
 
 FAMILY = "flux"
+
+
+class PackedDraws:
+    """A generator whose draws of NCHW latents' shape come in Flux's packed layout: FluxPipeline's loop holds packed
+    latents, so a solver's noise (SDE steps, stochastic sampling) is drawn (B, H/2 * W/2, 4C) there; drawn so and
+    unpacked here, the same numbers land on the same latents. Other draws (and attributes) are the generator's."""
+
+    def __init__(self, generator):
+        self._generator = generator
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    def randn(self, shape, *args, **kwargs):
+        if len(shape) == 4 and shape[2] % 2 == 0 and shape[3] % 2 == 0:
+            b, c, h, w = shape
+            tokens = self._generator.randn((b, (h // 2) * (w // 2), 4 * c), *args, **kwargs)
+            return unpack(np.asarray(tokens), h, w)
+        return self._generator.randn(shape, *args, **kwargs)
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale
 
 
@@ -42,6 +62,9 @@ class Flux(FlowFamily):
     def image_tokens(self, height: int, width: int) -> int:
         f = self.folder.vae.scale_factor
         return (height // f // 2) * (width // f // 2)
+
+    def step_generator(self, generator):
+        return PackedDraws(generator)
 
     def guided(self, request) -> bool:
         return request.true_cfg_scale > 1.0 and request.negative_prompt is not None
