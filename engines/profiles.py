@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from sdrt.engines.errors import EngineError
-from sdrt.engines.spec import DOWNSCALES, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, NetworkSpec
+from sdrt.engines.spec import DOWNSCALES, HEIGHT, LATENT_HEIGHT, LATENT_TOKENS, LATENT_WIDTH, WIDTH, NetworkSpec
 
 Range = tuple[int, int, int]
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -125,4 +125,9 @@ def dims_from_shapes(spec: NetworkSpec, shapes: Mapping[str, tuple[int, ...]]) -
             if dims.setdefault(axis, size) != size:
                 raise ProfileError(f"{spec.name}: axis {axis!r} is {dims[axis]}, but a {latent} of {dims[latent]} "
                                    f"makes it {size}; the residuals must match the latents")
+    if LATENT_HEIGHT in dims and LATENT_WIDTH in dims:  # Flux's packed tokens follow from the latent size
+        tokens = (dims[LATENT_HEIGHT] // 2) * (dims[LATENT_WIDTH] // 2)
+        if dims.setdefault(LATENT_TOKENS, tokens) != tokens:
+            raise ProfileError(f"{spec.name}: {dims[LATENT_TOKENS]} latent tokens, but a {dims[LATENT_HEIGHT]}x"
+                               f"{dims[LATENT_WIDTH]} latent makes {tokens}")
     return dims

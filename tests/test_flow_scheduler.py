@@ -283,8 +283,10 @@ def test_bad_option_values_are_refused(option, value):
 def test_flow_and_noise_prediction_configs_do_not_mix():
     with pytest.raises(UnsupportedConfigError, match="flow-euler.*PNDMScheduler"):
         load_scheduler(SD15, "flow-euler")
-    with pytest.raises(UnsupportedConfigError, match="euler.*FlowMatchEulerDiscreteScheduler"):
-        load_scheduler(FLUX_SCHNELL, "euler")  # shift 1, static: nothing else would stop it
+    # On a flow model's config a sampler's usual name is its flow variant ("euler" = flow-euler, as A1111/ComfyUI)
+    assert load_scheduler(FLUX_SCHNELL, "euler").name == "flow-euler"
+    with pytest.raises(UnsupportedConfigError, match="euler-a.*FlowMatchEulerDiscreteScheduler"):
+        load_scheduler(FLUX_SCHNELL, "euler-a")  # no flow variant
     with pytest.raises(UnsupportedConfigError, match="shift"):
         load_scheduler({**SD15, "shift": 3.0}, "euler")  # a model option Euler cannot honour
     config = {k: v for k, v in SD3.items() if k != "_class_name"}

@@ -288,10 +288,11 @@ def test_flow_and_noise_prediction_configs_do_not_mix():
         load_scheduler(SD15, "flow-dpm++2m")
     with pytest.raises(UnsupportedConfigError, match="flow-heun.*PNDMScheduler"):
         load_scheduler(SD15, "flow-heun")
-    with pytest.raises(UnsupportedConfigError, match="dpm\\+\\+2m.*use_flow_sigmas=True"):
-        load_scheduler(WAN, "dpm++2m")
-    with pytest.raises(UnsupportedConfigError, match="unipc.*flow_prediction"):
-        load_scheduler({**SD15, "prediction_type": "flow_prediction"}, "unipc")
+    # A flow config's usual sampler names are the flow variants (sdrt.runtime.schedulers.registry)
+    assert load_scheduler(WAN, "dpm++2m").name == "flow-dpm++2m"
+    assert load_scheduler({**SD15, "prediction_type": "flow_prediction"}, "unipc").name == "flow-unipc"
+    with pytest.raises(UnsupportedConfigError, match="ddim.*use_flow_sigmas=True"):
+        load_scheduler(WAN, "ddim")  # no flow variant
     with pytest.raises(UnsupportedConfigError, match="use_flow_sigmas=False"):
         load_scheduler({**WAN, "use_flow_sigmas": False}, "flow-unipc")
 

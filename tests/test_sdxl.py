@@ -286,7 +286,7 @@ def test_cli_refuses_prompt_2_without_a_second_encoder(sd_like_folder, tmp_path,
     code = main(["generate", str(sd_like_folder), PROMPTS[0], "--prompt-2", "x", "--steps", "1",
                  "-o", str(tmp_path / "x.png"), "-q"])
     assert code == 2
-    assert "--prompt-2 / --negative-2 need a model with a second text encoder" in capsys.readouterr().err
+    assert "--prompt-2 needs a model with a second text encoder" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
