@@ -87,11 +87,19 @@ class BenchSettings:
         return dict(provider=self.provider, scheduler=self.scheduler, allow_fallback=self.allow_fallback,
                     io_binding=self.io_binding, cuda_graph=self.cuda_graph, verify=self.verify, **openvino)
 
-    def pipeline_kwargs(self) -> dict:
-        """The keywords of one StableDiffusionPipeline call (also sent to the cold-start subprocess)."""
-        return dict(prompt=self.prompt, negative_prompt=NEGATIVE if self.guidance > 1 else None,
-                    num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.height,
-                    width=self.width, num_images_per_prompt=self.batch, seed=self.seed, output_type="uint8")
+    def pipeline_kwargs(self, family: str = "stable-diffusion", distilled_guidance: bool = True) -> dict:
+        """The keywords of one call of the folder's pipeline (also sent to the cold-start subprocess): a negative
+        prompt where the family guides with CFG; Flux's guidance is its distilled input (none for schnell)."""
+        kwargs = dict(prompt=self.prompt, negative_prompt=NEGATIVE if self.cfg(family) else None,
+                      num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.height,
+                      width=self.width, num_images_per_prompt=self.batch, seed=self.seed, output_type="uint8")
+        if family == "flux" and not distilled_guidance:
+            del kwargs["guidance_scale"]
+        return kwargs
+
+    def cfg(self, family: str = "stable-diffusion") -> bool:
+        """Whether the runs use classifier-free guidance (LCM's and Flux's guidance is distilled)."""
+        return self.guidance > 1 and family not in ("latent-consistency", "flux")
 
 
 # -- statistics and the machine -------------------------------------------------------------------
@@ -266,22 +274,28 @@ class DeviceMemoryPeak:
 
 def open_pipeline(folder, settings: BenchSettings):
     """The pipeline, with bad settings refused before anything heavy runs; returns (pipe, load seconds)."""
-    from sdrt.runtime.pipeline import StableDiffusionPipeline
+    from sdrt.runtime.families import text_to_image_pipeline
 
     settings.check()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, **settings.pipeline_options())
+    options = settings.pipeline_options()
+    pipe = text_to_image_pipeline(folder, verify=options.pop("verify"), **options)
     default = pipe.folder.default_size
     pipe._check_size(settings.height or default, settings.width or default)
     t0 = time.perf_counter()
-    for engine in (pipe.text_encoder, pipe.unet, pipe.vae_decoder):
+    for engine in pipe.core.models.engines():
         engine.load()
     return pipe, time.perf_counter() - t0
+
+
+def call_kwargs(pipe, settings: BenchSettings) -> dict:
+    """settings.pipeline_kwargs for the pipeline's family."""
+    return settings.pipeline_kwargs(pipe.family, getattr(pipe.core.family, "distilled_guidance", True))
 
 
 def time_one(pipe, settings: BenchSettings) -> dict:
     """One generation's stage timings in seconds (per step for the UNet and the scheduler)."""
     t0 = time.perf_counter()
-    out = pipe(**settings.pipeline_kwargs())
+    out = pipe(**call_kwargs(pipe, settings))
     end_to_end = time.perf_counter() - t0
     t = out.timings
     return {"text_encoder": t["text_encoder"], "unet_step": t["unet"] / t["unet_evaluations"],
@@ -294,12 +308,12 @@ import json, sys, time
 t_start = time.time()
 t0 = time.perf_counter()
 import onnxruntime
-from sdrt.runtime.pipeline import StableDiffusionPipeline
+from sdrt.runtime.families import text_to_image_pipeline
 t_import = time.perf_counter() - t0
 s = json.loads(sys.argv[2])
 t0 = time.perf_counter()
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], **s["options"])
-for engine in (pipe.text_encoder, pipe.unet, pipe.vae_decoder):
+pipe = text_to_image_pipeline(sys.argv[1], **s["options"])
+for engine in pipe.core.models.engines():
     engine.load()
 t_load = time.perf_counter() - t0
 t0 = time.perf_counter()
@@ -311,9 +325,10 @@ print(json.dumps({"t_start": t_start, "t_end": time.time(), "import_seconds": t_
 """
 
 
-def cold_start(folder, settings: BenchSettings) -> dict:
-    """Process start -> first image in a fresh interpreter, with import, load and first image apart."""
-    payload = json.dumps({"options": settings.pipeline_options(), "kwargs": settings.pipeline_kwargs()})
+def cold_start(folder, settings: BenchSettings, kwargs: dict | None = None) -> dict:
+    """Process start -> first image in a fresh interpreter, with import, load and first image apart; kwargs: the
+    call's (call_kwargs of the measured pipeline)."""
+    payload = json.dumps({"options": settings.pipeline_options(), "kwargs": kwargs or settings.pipeline_kwargs()})
     t_spawn = time.time()
     proc = subprocess.run([sys.executable, "-c", _COLD_START, str(folder), payload], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -360,19 +375,20 @@ def run_bench(folder, settings: BenchSettings, progress: bool = True) -> dict:
     rss = peak_rss_mb()
     default = pipe.folder.default_size
     used, io = providers_used(pipe), unet_io(pipe)
+    kwargs, family = call_kwargs(pipe, settings), pipe.family
     pipe.release()
     cold = None
     if settings.cold_start:
         if progress:
             print("sdrt bench: cold start in a fresh process ...", file=sys.stderr, flush=True)
-        cold = cold_start(folder, settings)
+        cold = cold_start(folder, settings, kwargs)
     return {
         "kind": "sdrt-bench",
         "date": started.isoformat(timespec="seconds"),
         "folder": str(Path(folder).resolve()),
         "model": model_label(folder),
         "settings": {**asdict(settings), "width": settings.width or default, "height": settings.height or default,
-                     "cfg": settings.guidance > 1, "scheduler": settings.scheduler or pipe.scheduler.name,
+                     "cfg": settings.cfg(family), "scheduler": settings.scheduler or pipe.scheduler.name,
                      "unet_evaluations": runs[0]["unet_evaluations"]},
         "provider_used": used["unet"],
         "providers_used": used,

@@ -30,7 +30,8 @@ def describe(path, verify: str = "sha256") -> dict:
         "precision": folder.precision(),
         "opset": manifest.get("opset"),
         "scheduler": folder.scheduler_config.get("_class_name"),
-        "prediction_type": folder.scheduler_config.get("prediction_type", "epsilon"),
+        "prediction_type": "flow" if str(folder.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+        else folder.scheduler_config.get("prediction_type", "epsilon"),
         "default_size": folder.default_size,
         "size_multiple": folder.pixel_multiple,
         "verified": "sha256" if (folder.manifest and verify == "sha256") else ("size" if folder.manifest else "none"),

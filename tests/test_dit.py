@@ -382,3 +382,14 @@ def test_low_memory_gives_the_same_image(tiny, name, kwargs):
     low = cls.from_pretrained(tiny[name], low_memory=True)
     np.testing.assert_allclose(low(**call).images, cls.from_pretrained(tiny[name])(**call).images, atol=1e-5)
     assert not any(engine.loaded for engine in low.core.models.engines())  # every network released after its stage
+
+
+def test_bench_runs_the_folders_family(tiny):
+    """`sdrt bench` opens the folder's own pipeline: Flux schnell (no guidance input, no CFG) and SD3 (CFG)."""
+    from sdrt.runtime.bench import BenchSettings, run_bench
+
+    for name, cfg in (("flux-schnell", False), ("sd3", True)):
+        result = run_bench(tiny[name], BenchSettings(steps=2, width=64, height=64, runs=1, warmup=0, cold_start=False),
+                           progress=False)
+        assert result["settings"]["cfg"] is cfg and result["settings"]["scheduler"] == "flow-euler"
+        assert result["settings"]["unet_evaluations"] == 2
