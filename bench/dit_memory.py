@@ -19,9 +19,11 @@ transformer, CLIP-L, CLIP-G and the 16-channel VAE, random weights at full size.
 
     flock /tmp/sdrt-heavy.lock python bench/dit_memory.py --measure [--scratch DIR] [--sizes 512 1024]
 
-- build: the diffusers folder (seeded random weights, shards of 2 GB) saved to DIR/diffusers, in a subprocess;
-- export: sdrt.export.api.export_pipeline of that folder to DIR/onnx (each network validated against torch) in a
-  subprocess, its VmHWM read (and reset through /proc/self/clear_refs) at each line the export logs: the peak of
+- build: the diffusers folder (seeded random weights, saved in fp16 in shards of 2 GB) in DIR/diffusers, in a
+  subprocess;
+- export: sdrt.export.api.export_pipeline of that folder to DIR/onnx (fp32; each network validated against torch;
+  no VAE encoder; for the disk, each source network's weights deleted once loaded and the CLIPs' files in
+  /dev/shm) in a subprocess, its VmHWM read (and reset through /proc/self/clear_refs) at each line the export logs: the peak of
   each network's loading, ONNX export and validation;
 - generation: StableDiffusion3Pipeline.from_pretrained(DIR/onnx, low_memory=...) in a fresh subprocess per
   configuration (no torch imported), one image, 1 step, guidance 7.0, seed 0, SDRT_AVAILABLE_MEMORY=1e11 so
@@ -50,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 EXPORT_FACTOR = 3.0  # torch's fp32 weights + the ONNX proto (~2x), then onnxruntime's copy for validation (1x)
 GIB = 2**30
 SCRATCH = Path("/tmp/sdrt-dit-memory")
+SHM = Path("/dev/shm/sdrt-dit-memory")  # the CLIPs' ONNX files: the disk here cannot hold the whole export
+IN_MEMORY = ("text_encoder", "text_encoder_2")
 PROMPT = "a photograph of an astronaut riding a horse"
 RUNS = ((512, False), (512, True), (1024, False), (1024, True))  # (side, low_memory), in the order measured
 
@@ -183,24 +187,41 @@ def build_child(path: Path) -> dict:
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), tokenizer=clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), tokenizer_2=clip_tokenizer(),
         text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(path, safe_serialization=True, max_shard_size="2GB")  # shards: no 8 GiB serialised at once
+    pipe.to(torch.float16)  # half the disk (the export loads fp32); shards: no 8 GiB serialised at once
+    pipe.save_pretrained(path, safe_serialization=True, max_shard_size="2GB")
     return {"wall_s": round(time.perf_counter() - t0, 1), "peak_bytes": status_bytes("VmHWM")}
 
 
 def export_child(src: Path, out: Path) -> dict:
-    """export_pipeline(src, out); VmHWM read and reset at each line it logs: each phase's own peak."""
-    from sdrt.export.api import export_pipeline
+    """export_pipeline(src, out) without the VAE encoder (txt2img needs none); VmHWM read and reset at each line
+    it logs: each phase's own peak. For the disk (12.5 GiB free here; the export is 12.4 GiB: the transformer's
+    9.2 with its 0.8 GiB position table): each source network's weight files are deleted once loaded, and the
+    CLIPs are written to SHM (tmpfs: machine memory, not this process's), linked from the folder."""
+    from sdrt.export import api
 
-    marks, t0 = [], time.perf_counter()
+    load_module, marks, t0 = api.load_module, [], time.perf_counter()
+
+    def load_and_delete(checkpoint, subfolder):
+        module = load_module(checkpoint, subfolder)  # fp16 files -> fp32 tensors: copies, no mapping kept
+        for weights in (checkpoint.path / subfolder).glob("*.safetensors*"):
+            weights.unlink()
+        return module
 
     def mark(msg: str) -> None:
         marks.append({"t_s": round(time.perf_counter() - t0, 1), "line": msg,
                       "peak_before_bytes": status_bytes("VmHWM"), "rss_bytes": status_bytes("VmRSS")})
         reset_peak()
         print(msg, file=sys.stderr, flush=True)
+        for name in IN_MEMORY:
+            if f"] {name}: loading" in msg:  # before export_onnx makes the staged network's folder
+                for staged in out.parent.glob(f".{out.name}.*.partial"):
+                    (SHM / name).mkdir(parents=True, exist_ok=True)
+                    (staged / name).symlink_to(SHM / name)
 
     reset_peak()
-    export_pipeline(src, out, log=mark, force=True)
+    api.load_module = load_and_delete
+    api.export_pipeline(src, out, log=mark, force=True,
+                        components=["transformer", "text_encoder", "text_encoder_2", "vae_decoder"])
     manifest = json.loads((out / "sdrt.json").read_text())
     return {"wall_s": round(time.perf_counter() - t0, 1), "peak_bytes": max(m["peak_before_bytes"] for m in marks),
             "marks": marks, "export_seconds": {k: v["export_seconds"] for k, v in manifest["components"].items()},
@@ -343,14 +364,14 @@ def measured_lines(m: dict) -> list[str]:
              f"Started {m['started']}.", ""]
     if "build" in m:
         b = m["build"]
-        lines.append("- Building and saving the diffusers folder (random init, shards of 2 GB): "
+        lines.append("- Building and saving the diffusers folder (random init, saved in fp16 in shards of 2 GB): "
                      + (b["failed"] if "failed" in b else f"{b['wall_s']:.0f} s, peak {gib(b['peak_bytes'])} GiB") + ".")
     if "export" in m:
         x = m["export"]
         if "failed" in x:
             lines.append(f"- Export: **{x['failed']}** after {x['wall_s']:.0f} s.")
         else:
-            lines += [f"- Export (`export_pipeline`, all networks, one process): **{x['wall_s']:.0f} s, peak "
+            lines += [f"- Export (`export_pipeline`: transformer, CLIP-L, CLIP-G, VAE decoder; one process): **{x['wall_s']:.0f} s, peak "
                       f"{gib(x['peak_bytes'])} GiB**. Per network (GiB at the peak of each phase; the process's "
                       "RSS carries over from phase to phase):", "",
                       "| network | load | ONNX export + save | validation vs torch | export s | max abs diff |",
@@ -423,6 +444,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(args.scratch, ignore_errors=True)
+            shutil.rmtree(SHM, ignore_errors=True)
     save(measured)
     print("\n".join(lines + measured_lines(measured)))
     return 0
