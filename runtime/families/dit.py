@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdrt.runtime.core.request import texts
 from sdrt.runtime.errors import InvalidInputError
 from sdrt.runtime.families.base import Family
 from sdrt.runtime.schedulers.flow import flux_mu
@@ -61,6 +62,19 @@ class FlowFamily(Family):
         if getattr(config, "use_dynamic_shifting", False) and "mu" in solver.schedule_options:
             options["mu"] = flux_mu(self.image_tokens(run.height, run.width), config)
         return options
+
+    def encoder_texts(self, run, encoders: int) -> list[list[str]]:
+        """Each text encoder's texts, negatives first with CFG: encoder k > 1 reads prompt_k / negative_prompt_k,
+        each defaulting to the first encoder's (diffusers' `prompt_2 = prompt_2 or prompt`)."""
+        request = run.request
+        n, prompts = len(request.prompt), list(request.prompt)
+        negatives = self.negatives(request) if run.guidance.enabled else []
+        out = []
+        for k in range(1, encoders + 1):
+            own = lambda name, default: list(texts(name, getattr(request, name), n) or default)  # noqa: E731
+            out.append((own(f"negative_prompt_{k}", negatives) if k > 1 else negatives) +
+                       (own(f"prompt_{k}", prompts) if k > 1 else prompts))
+        return out
 
     def check_flow_scheduler(self, run) -> None:
         if not run.scheduler.solver.flow:

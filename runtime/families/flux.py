@@ -101,13 +101,7 @@ class Flux(FlowFamily):
     def conditioning(self, run) -> dict:
         t0 = time.perf_counter()
         request, models = run.request, run.models
-        n = len(request.prompt)
-        prompts = list(request.prompt)
-        prompts_2 = list(texts("prompt_2", request.prompt_2, n) or prompts)
-        if run.guidance.enabled:
-            negatives = self.negatives(request)
-            negatives_2 = list(texts("negative_prompt_2", request.negative_prompt_2, n) or negatives)
-            prompts, prompts_2 = negatives + prompts, negatives_2 + prompts_2
+        prompts, prompts_2 = self.encoder_texts(run, 2)
         pooled = models.text_encoder.run({"input_ids": models.tokenizer(prompts)})["pooler_output"]
         models.stage_done(models.text_encoder)
         embeds = t5_embeds(models, "text_encoder_2", "tokenizer_2", prompts_2, self.sequence_length(request))

@@ -94,17 +94,8 @@ class StableDiffusion3(FlowFamily):
     def conditioning(self, run) -> dict:
         t0 = time.perf_counter()
         request, models = run.request, run.models
-        n = len(request.prompt)
-        prompts = list(request.prompt)
-        prompts_2 = list(texts("prompt_2", request.prompt_2, n) or prompts)
-        prompts_3 = list(texts("prompt_3", request.prompt_3, n) or prompts)
-        all_1, all_2, all_3, skip_from = prompts, prompts_2, prompts_3, 0
-        if run.guidance.enabled:
-            negatives = self.negatives(request)
-            negatives_2 = list(texts("negative_prompt_2", request.negative_prompt_2, n) or negatives)
-            negatives_3 = list(texts("negative_prompt_3", request.negative_prompt_3, n) or negatives)
-            all_1, all_2, all_3 = negatives + prompts, negatives_2 + prompts_2, negatives_3 + prompts_3
-            skip_from = n
+        all_1, all_2, all_3 = self.encoder_texts(run, 3)
+        skip_from = len(request.prompt) if run.guidance.enabled else 0  # clip_skip applies to the prompts only
         clip, pooled = self.clip_embeds(models, all_1, all_2, request.clip_skip, skip_from)
         models.stage_done(models.text_encoder, models.text_encoder_2)
         length = self.sequence_length(request)
