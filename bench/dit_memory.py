@@ -305,7 +305,8 @@ def measure(args, save) -> dict:
          "settings": {"images": 1, "steps": 1, "guidance": 7.0, "seed": 0, "prompt": PROMPT,
                       "scheduler": "FlowMatchEulerDiscreteScheduler(shift=3.0)", "SDRT_AVAILABLE_MEMORY": 1e11,
                       "max_estimate_gib": args.max_estimate_gib, "peak": "VmHWM of a fresh subprocess"},
-         "started": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
+         "started": datetime.datetime.now().isoformat(timespec="seconds"),
+         "machine_memory_gib": round(memory_total() / GIB, 1), "runs": []}
     if not (diffusers_dir / "model_index.json").is_file():
         log(f"building the diffusers folder in {diffusers_dir}")
         m["build"] = child(["build", str(diffusers_dir)], args.timeout)
@@ -395,8 +396,49 @@ def measured_lines(m: dict) -> list[str]:
                 g = r["measured"]
                 lines.append(f"{head} **{gib(g['peak_bytes'])}** ({gib(g.get('peak_before_decode_bytes'))} / "
                              f"{gib(g['peak_bytes'])}) | {g['open_s']:.0f} | {g['generation_s']:.0f} |")
+    lines += ["", "### What fit, what did not, and why", ""]
+    lines += [f"- {line}" for line in summary(m, m.get("machine_memory_gib", round(memory_total() / GIB, 1)))]
     lines.append("")
     return lines
+
+
+def summary(m: dict, machine_gib: float) -> list[str]:
+    """What fit, what did not and why, from the measured figures."""
+    out = ["T5-XXL (17.7 GiB fp32) and the FLUX.1-schnell transformer (44.3 GiB) were not built: exporting either "
+           f"needs more than this machine's {machine_gib:g} GiB (see the counts above), so SD3.5-medium ran without "
+           "T5 and Flux was not measured."]
+    x = m.get("export", {})
+    if x and "failed" not in x:
+        phases = {r["network"]: r for r in export_phases(x)}
+        t = phases.get("transformer", {})
+        out.append(f"Export: the peak ({gib(x['peak_bytes'])} GiB) is the transformer's validation: torch's fp32 module "
+                   "and onnxruntime's session of the same weights at once. Its ONNX export and save peaked at "
+                   f"{gib(t.get('export'))} GiB (weights written one tensor at a time). Later networks' phases start "
+                   "from what the process still held of the transformer (glibc returns freed memory late), so their "
+                   "figures are upper bounds of their own cost.")
+        files = x.get("files_bytes", {})
+        out.append(f"Disk: the fp32 export is {gib(sum(files.values()))} GiB (the transformer's "
+                   f"{gib(files.get('transformer/model.onnx_data'))} GiB, with its 384 x 384 x 1536 position table) "
+                   "against 12.5 GiB free here, so the diffusers source was saved in fp16 and each of its networks "
+                   "deleted once loaded, and the CLIPs' files lay in /dev/shm (tmpfs: machine memory, not the "
+                   "processes' RSS until onnxruntime reads them).")
+    if m.get("export_branch_check"):
+        out.append(m["export_branch_check"])
+    for r in m["runs"]:
+        name = f"{r['side']}x{r['side']} {'low-memory' if r['low_memory'] else 'normal'}"
+        e = r["estimate"]["total_bytes"]
+        if "skipped" in r:
+            out.append(f"{name}: not run ({r['skipped']}): every network's weights stay loaded and batched CFG's "
+                       "unfused attention holds score maps of 2 rows x 24 heads x (64 x 64 + 333)^2 tokens, 3.5 GiB "
+                       "each, several at once with onnxruntime's arena.")
+        elif "failed" in r["measured"]:
+            out.append(f"{name}: does not fit / failed: {r['measured']['failed']} (estimate {gib(e)} GiB).")
+        else:
+            g = r["measured"]
+            out.append(f"{name}: fits, peak {gib(g['peak_bytes'])} GiB (estimate / measured "
+                       f"{e / g['peak_bytes']:.2f}), one step in {g['timings_s'].get('unet', 0):.0f} s of transformer "
+                       f"and {g['timings_s'].get('vae_decoder', 0):.0f} s of VAE decoding.")
+    return out
 
 
 def main() -> int:
@@ -410,6 +452,7 @@ def main() -> int:
                         help="configurations estimated over this are not run (default 21)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess (default 1800)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--from-json", type=Path, help="re-render the markdown of an earlier --measure result")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -435,6 +478,9 @@ def main() -> int:
         (out / f"{args.stem}.json").write_text(json.dumps(report, indent=2))
         (out / f"{args.stem}.md").write_text("\n".join(text) + "\n")
 
+    if args.from_json:
+        save(json.loads(args.from_json.read_text())["measured"])
+        return 0
     if not args.measure:
         save(None)
         print("\n".join(lines))
