@@ -203,11 +203,9 @@ def sample_inputs(spec: NetworkSpec, dims: dict[str, int], seed: int = 0, vocab_
         if t.dtype == "int64":
             inputs.append(torch.randint(0, vocab_size, shape, generator=g))
         elif t.name == "img_ids":  # each packed token's (0, row, column), as the pipeline makes them
-            h, w = dims["latent_height"] // 2, dims["latent_width"] // 2
-            ids = torch.zeros(h, w, 3)
-            ids[..., 1] += torch.arange(h)[:, None]
-            ids[..., 2] += torch.arange(w)[None, :]
-            inputs.append(ids.reshape(h * w, 3))
+            from sdrt.runtime.core.transformer import image_ids
+
+            inputs.append(torch.from_numpy(image_ids(dims["latent_height"], dims["latent_width"])))
         elif t.name == "txt_ids":
             inputs.append(torch.zeros(shape))
         elif flux and t.name == "timestep":

@@ -36,6 +36,17 @@ CLIP_SPLIT_PATTERN = (
 END_OF_WORD_SUFFIX = "</w>"
 
 
+def _special_ids(tokenizer: Tokenizer, **tokens: str) -> dict[str, int]:
+    """{"eos_token": id, ...} of the named special tokens; ModelFolderError for one the vocabulary lacks."""
+    ids = {}
+    for name, token in tokens.items():
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelFolderError(f"{name} {token!r} is not in the tokenizer's vocabulary")
+        ids[name] = token_id
+    return ids
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder takes; the end was dropped."""
 
@@ -53,12 +64,7 @@ class ClipTokenizer:
     ):
         if model_max_length < 2:
             raise InvalidInputError(f"model_max_length must be at least 2 (BOS and EOS), got {model_max_length}")
-        ids = {}
-        for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
-            token_id = tokenizer.token_to_id(token)
-            if token_id is None:
-                raise ModelFolderError(f"{name} {token!r} is not in the tokenizer's vocabulary")
-            ids[name] = token_id
+        ids = _special_ids(tokenizer, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
         # The library must neither cut nor pad: __call__ does both, so that it can tell what it dropped.
         tokenizer.no_truncation()
         tokenizer.no_padding()

@@ -27,7 +27,8 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import Unigram
 
 from sdrt.runtime.errors import InvalidInputError, ModelFolderError, UnsupportedConfigError
-from sdrt.runtime.tokenizer import PromptTruncatedWarning, _add_config_tokens, _describe, _read_json, _token_content
+from sdrt.runtime.tokenizer import PromptTruncatedWarning, _add_config_tokens, _describe, _read_json, _special_ids, \
+    _token_content
 
 # T5Tokenizer's defaults, used where tokenizer_config.json does not name a token.
 DEFAULT_SPECIAL_TOKENS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
@@ -39,12 +40,7 @@ class T5Tokenizer:
 
     def __init__(self, tokenizer: Tokenizer, eos_token: str = "</s>", pad_token: str = "<pad>",
                  model_max_length: int | None = None):
-        ids = {}
-        for name, token in (("eos_token", eos_token), ("pad_token", pad_token)):
-            token_id = tokenizer.token_to_id(token)
-            if token_id is None:
-                raise ModelFolderError(f"{name} {token!r} is not in the tokenizer's vocabulary")
-            ids[name] = token_id
+        ids = _special_ids(tokenizer, eos_token=eos_token, pad_token=pad_token)
         # The library must neither cut nor pad nor add </s>: __call__ does all three, so it can tell what it dropped.
         tokenizer.no_truncation()
         tokenizer.no_padding()

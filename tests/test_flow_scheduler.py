@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
 from sdrt.runtime.errors import InvalidInputError, UnsupportedConfigError  # noqa: E402
-from tests.reference import TorchStreamRng  # noqa: E402
+from tests.reference import fake_velocity, run_flow_loop  # noqa: E402
 from sdrt.runtime.schedulers import FLOW_SCHEDULER_NAMES, SCHEDULER_NAMES, load_scheduler, registry  # noqa: E402
 from sdrt.runtime.schedulers.flow import flux_mu, flux_sigmas  # noqa: E402
 
@@ -57,12 +57,6 @@ VARIANTS = {
 }
 
 
-_PATTERN = np.linspace(-1.0, 1.0, int(np.prod(SHAPE[1:])), dtype=np.float32).reshape(SHAPE[1:])
-
-
-def fake_velocity(model_input: np.ndarray, t: float) -> np.ndarray:
-    """A deterministic stand-in for the transformer: roughly noise - x0 for unit-variance data."""
-    return (np.float32(0.8) * model_input + np.float32(0.3) * np.sin(np.float32(t / 100) + _PATTERN)).astype(np.float32)
 
 
 def schedule_kwargs(config: dict, steps: int, seq_len: int, flux_style: bool) -> dict:
@@ -122,19 +116,7 @@ def run_diffusers(config, steps, latents, kwargs, strength=None, seed=0):
 def run_sdrt(config, steps, latents, kwargs, strength=None, seed=0):
     sched = load_scheduler(config)
     plan = sched.plan(steps, strength=strength, **kwargs)
-    rng = TorchStreamRng(seed)
-    if strength is None:
-        sample = latents * np.float32(plan.init_noise_sigma)
-    else:
-        sample = sched.add_noise(plan, latents, latents[:, ::-1].copy(), 0)
-    state = sched.initial_state(plan)
-    samples = [sample]
-    for i, t in enumerate(plan.timesteps):
-        model_input = sched.scale_model_input(plan, i, sample)
-        np.testing.assert_array_equal(model_input, sample)  # flow models see the sample itself
-        sample, state = sched.step(plan, i, fake_velocity(model_input, float(t)), sample, state, rng)
-        samples.append(sample)
-    return plan, samples
+    return plan, run_flow_loop(sched, plan, latents, strength, seed)
 
 
 def assert_loop_parity(config, steps, seq_len=1024, flux_style=False, strength=None, seed=0):

@@ -63,13 +63,22 @@ class TransformerFeed:
             out = self._engine.run({"hidden_states": sample, **feed})
             return {"out_sample": out["out_hidden_states"]}
         _, _, h, w = sample.shape
-        dtype = self._engine.input_dtypes.get("img_ids", np.dtype(F32))
         text = feed["encoder_hidden_states"]
         sequence = text.shape[1] if isinstance(text, np.ndarray) else self._sequence
-        feed["timestep"] = (np.asarray(feed["timestep"]) / np.asarray(1000, dtype=np.asarray(feed["timestep"]).dtype))
-        out = self._engine.run({"hidden_states": pack(sample), **feed, "img_ids": image_ids(h, w, dtype),
-                                "txt_ids": np.zeros((sequence, 3), dtype=dtype)})
+        timestep = np.asarray(feed["timestep"])
+        feed["timestep"] = timestep / timestep.dtype.type(1000)  # FluxPipeline: transformer(timestep=t / 1000)
+        out = self._engine.run({"hidden_states": pack(sample), **feed, **self._positions(h, w, sequence)})
         return {"out_sample": unpack(out["out_hidden_states"], h, w)}
+
+    def _positions(self, height: int, width: int, sequence: int) -> dict:
+        """img_ids and txt_ids for a latent size and text length, made once per (size, length), not every step."""
+        key = (height, width, sequence)
+        cached = self.__dict__.get("_cached_positions")  # (key, value), replaced whole: safe across threads
+        if cached is None or cached[0] != key:
+            dtype = self._engine.input_dtypes.get("img_ids", np.dtype(F32))
+            cached = (key, {"img_ids": image_ids(height, width, dtype), "txt_ids": np.zeros((sequence, 3), dtype=dtype)})
+            object.__setattr__(self, "_cached_positions", cached)
+        return cached[1]
 
     def device_resident(self, inputs):
         """The conditioning kept on the device; its text length noted (txt_ids), as a device value may not say."""

@@ -69,12 +69,13 @@ class FlowFamily(Family):
         request = run.request
         n, prompts = len(request.prompt), list(request.prompt)
         negatives = self.negatives(request) if run.guidance.enabled else []
-        out = []
-        for k in range(1, encoders + 1):
-            own = lambda name, default: list(texts(name, getattr(request, name), n) or default)  # noqa: E731
-            out.append((own(f"negative_prompt_{k}", negatives) if k > 1 else negatives) +
-                       (own(f"prompt_{k}", prompts) if k > 1 else prompts))
-        return out
+
+        def own(name: str, default: list[str]) -> list[str]:
+            return list(texts(name, getattr(request, name), n) or default)
+
+        return [negatives + prompts] + [
+            (own(f"negative_prompt_{k}", negatives) if negatives else []) + own(f"prompt_{k}", prompts)
+            for k in range(2, encoders + 1)]
 
     def check_flow_scheduler(self, run) -> None:
         if not run.scheduler.solver.flow:
